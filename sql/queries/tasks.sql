@@ -1,0 +1,120 @@
+-- name: task_insert_many :many
+-- Insert one task per array element; ids come from one identity sequence, so
+-- ascending ids follow the order of the arrays.
+INSERT INTO taskd.tasks (task_type, payload, max_retries, timeout_seconds)
+SELECT t, p::jsonb, r, s
+FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[]) AS u(t, p, r, s)
+RETURNING id;
+
+-- name: task_claim_many :many
+-- Claim up to $2 runnable tasks of the types in $3 for process $1, highest
+-- priority first, then oldest due first; each gets a lease of $4 seconds.
+WITH next AS (
+    SELECT id FROM taskd.tasks
+    WHERE status IN ('pending', 'retrying') AND run_at <= now() AND task_type = ANY($3::text[])
+    ORDER BY priority DESC, run_at, id
+    LIMIT $2::int
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE taskd.tasks t
+SET status = 'running',
+    attempts = t.attempts + 1,
+    locked_by = $1::text,
+    locked_until = now() + make_interval(secs => $4::float8),
+    started_at = COALESCE(t.started_at, now()),
+    attempt_started_at = now()
+FROM next
+WHERE t.id = next.id
+RETURNING t.id, t.task_type, t.payload::text AS payload, t.attempts, t.max_retries, t.timeout_seconds;
+
+-- name: task_next_due :val
+-- When the next runnable task of the types in $1 falls due (NULL if none is waiting).
+SELECT min(run_at) FROM taskd.tasks
+WHERE status IN ('pending', 'retrying') AND task_type = ANY($1::text[]);
+
+-- name: task_finish_many :many
+-- Record many attempts' outcomes in one statement, fenced on the lease owner $1
+-- and the attempt number: an attempt whose lease was lost writes nothing.
+UPDATE taskd.tasks t
+SET status = u.status,
+    result = u.result::jsonb,
+    last_error = COALESCE(u.error::jsonb, t.last_error),
+    errors = CASE WHEN u.error IS NULL THEN t.errors ELSE t.errors || jsonb_build_array(u.error::jsonb) END,
+    finished_at = CASE WHEN u.status IN ('completed', 'failed') THEN now() END,
+    run_at = CASE WHEN u.status = 'retrying' THEN now() + make_interval(secs => u.delay) ELSE t.run_at END,
+    locked_by = NULL,
+    locked_until = NULL
+FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], $7::float8[])
+     AS u(id, attempt, status, result, error, delay)
+WHERE t.id = u.id AND t.attempts = u.attempt AND t.locked_by = $1::text AND t.status = 'running'
+RETURNING t.id;
+
+-- name: task_release_many :exec
+-- Hand tasks that process $1 claimed but did not finish back to the queue
+-- without counting the interrupted attempt (clean shutdown).
+UPDATE taskd.tasks t
+SET status = 'pending',
+    attempts = t.attempts - 1,
+    started_at = CASE WHEN t.attempts = 1 THEN NULL ELSE t.started_at END,
+    attempt_started_at = NULL,
+    run_at = now(),
+    locked_by = NULL,
+    locked_until = NULL
+FROM unnest($2::bigint[], $3::int[]) AS u(id, attempt)
+WHERE t.id = u.id AND t.attempts = u.attempt AND t.locked_by = $1::text AND t.status = 'running';
+
+-- name: task_extend_leases :exec
+-- Heartbeat: renew every lease that process $1 holds to $2 seconds from now.
+UPDATE taskd.tasks SET locked_until = now() + make_interval(secs => $2::float8)
+WHERE status = 'running' AND locked_by = $1::text;
+
+-- name: task_rescue_expired :many
+-- Tasks whose process stopped renewing their lease: the attempt counts; run
+-- them again if retries remain, else fail them.
+WITH expired AS (
+    SELECT id FROM taskd.tasks
+    WHERE status = 'running' AND locked_until < now()
+    FOR UPDATE SKIP LOCKED
+), err AS (
+    SELECT t.id, jsonb_build_object(
+        'type', 'LeaseExpired',
+        'message', 'the process running this attempt stopped renewing its lease (' || coalesce(t.locked_by, '?') || ')',
+        'attempt', t.attempts,
+        'at', now()) AS error
+    FROM taskd.tasks t JOIN expired USING (id)
+)
+UPDATE taskd.tasks t
+SET status = CASE WHEN t.attempts > t.max_retries THEN 'failed' ELSE 'retrying' END,
+    finished_at = CASE WHEN t.attempts > t.max_retries THEN now() END,
+    last_error = err.error,
+    errors = t.errors || jsonb_build_array(err.error),
+    run_at = now(),
+    locked_by = NULL,
+    locked_until = NULL
+FROM err
+WHERE t.id = err.id
+RETURNING t.id, t.status;
+
+-- name: task_get :one
+-- One task by id, everything a client may see.
+SELECT id, task_type, status, payload::text AS payload, result::text AS result, attempts, max_retries,
+       timeout_seconds, created_at, started_at, finished_at, last_error::text AS last_error,
+       errors::text AS errors
+FROM taskd.tasks WHERE id = $1::bigint;
+
+-- name: task_list :many
+-- Newest first, optionally filtered by status $1 and task type $2, after the
+-- keyset cursor $3 (ids below it), at most $4 rows.
+SELECT id, task_type, status, payload::text AS payload, result::text AS result, attempts, max_retries,
+       timeout_seconds, created_at, started_at, finished_at, last_error::text AS last_error,
+       errors::text AS errors
+FROM taskd.tasks
+WHERE ($1::text IS NULL OR status = $1::text)
+  AND ($2::text IS NULL OR task_type = $2::text)
+  AND ($3::bigint IS NULL OR id < $3::bigint)
+ORDER BY id DESC
+LIMIT $4::int;
+
+-- name: task_delete :one
+-- Remove a task; a trigger tells the process running it to cancel it.
+DELETE FROM taskd.tasks WHERE id = $1::bigint RETURNING status;

@@ -1,0 +1,134 @@
+"""Command line: flags, then the environment, then ./.env, then defaults -> Settings;
+logging; task modules; the database (embedded unless DATABASE_URL); then the server.
+
+Exit status: 0 after a clean shutdown, 1 when the database or the port cannot be
+had, 2 for an invalid setting. Errors a user can fix are one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import functools
+import importlib
+import logging
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import trio
+
+from taskd import builtin_tasks  # noqa: F401  (registers echo, sleep, data_processing)
+from taskd.config import SETTINGS, Settings, parse_dotenv, parse_settings
+from taskd.errors import ConfigError, DatabaseError, DatabaseUnavailable
+from taskd.registry import Registry, default_registry
+
+PROG = "taskd"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        fail(2, f"{message} (see python -m taskd --help)")
+
+
+def fail(status: int, message: str) -> NoReturn:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="python -m taskd",
+        description="taskd: a PostgreSQL-backed task queue server. One process serves the REST API and runs "
+                    "a pool of workers. Every option may also be set by the environment variable named in "
+                    "brackets, or in a .env file in the working directory; flags win, then the environment, "
+                    "then .env.",
+    )
+    for setting in SETTINGS:
+        help_text = f"{setting.help} [{setting.env}]"
+        if setting.is_switch:
+            parser.add_argument(*setting.flags, dest=setting.env, action="store_const", const="true",
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(*setting.flags, dest=setting.env, default=None, metavar="VALUE", help=help_text)
+    return parser
+
+
+def gather_settings(argv: Sequence[str] | None, environ: dict[str, str], cwd: pathlib.Path) -> Settings:
+    """Merge the sources in precedence order and validate once."""
+    args = build_parser().parse_args(argv)
+    raw: dict[str, str] = {}
+    dotenv = cwd / ".env"
+    if dotenv.is_file():
+        raw.update(parse_dotenv(dotenv.read_text(encoding="utf-8")))
+    raw.update({s.env: environ[s.env] for s in SETTINGS if s.env in environ})
+    raw.update({name: value for name, value in vars(args).items() if value is not None})
+    return parse_settings(raw)
+
+
+def import_task_modules(settings: Settings, registry: Registry) -> None:
+    for name in settings.task_modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # any import failure is the user's module: report it in one line
+            raise ConfigError("TASK_MODULES", f"cannot import {name!r}: {type(exc).__name__}: {exc}") from None
+    if not registry.names():
+        raise ConfigError("TASK_MODULES", "no task types are registered")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # trio-asyncio and asyncpg are chatty at DEBUG; keep them at INFO unless asked.
+    for noisy in ("asyncio", "trio_asyncio", "pgserver"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLevelName(level)))
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    try:
+        settings = gather_settings(argv, dict(os.environ), pathlib.Path.cwd())
+        configure_logging(settings.log_level)
+        sys.path.insert(0, str(pathlib.Path.cwd()))
+        import_task_modules(settings, default_registry)
+    except ConfigError as exc:
+        fail(2, f"invalid {exc.setting}: {exc.problem}")
+
+    from taskd import server  # after settings: a bad flag should not pay for importing the web stack
+
+    embedded = None
+    url = settings.database_url
+    banner = ""
+    problem: str | None = None
+    try:
+        if url is None:
+            from taskd.embedded import start_embedded
+
+            embedded = start_embedded(settings.data_dir)
+            url = embedded.url
+            print(f"taskd: embedded PostgreSQL in {embedded.pgdata} at {url}", flush=True)
+            banner = " (embedded)"
+        trio.run(functools.partial(server.serve, settings, default_registry, url, banner=banner))
+    except* DatabaseUnavailable as group:
+        problem = f"cannot reach the database: {_first(group)}"
+    except* DatabaseError as group:
+        problem = f"the database refused to start taskd: {_first(group)}"
+    except* OSError as group:
+        exc = _first(group)
+        if getattr(exc, "errno", None) == errno.EADDRINUSE:
+            problem = f"cannot listen on {settings.host}:{settings.port}: the address is in use"
+        else:
+            problem = f"{type(exc).__name__}: {exc}"
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    if problem is not None:
+        fail(1, problem)
+    raise SystemExit(0)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

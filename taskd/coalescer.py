@@ -1,0 +1,127 @@
+"""Coalesce many concurrent calls into one batched call. Imports nothing from taskd.
+
+Callers `await submit(item)` and each gets back its own result or its own
+exception; one loop gathers what has arrived (waiting at most `window` seconds
+after the first item, less once `max_items` are in hand) and hands the batch to
+`flush`, which returns one result or exception per item, in order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+import trio
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+Flush = Callable[[Sequence[T]], Awaitable[Sequence["R | BaseException"]]]
+
+
+class _Slot(Generic[R]):
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: R | None = None
+        self.error: BaseException | None = None
+
+
+class CoalescerClosed(RuntimeError):
+    """The coalescer is no longer taking items (shutdown)."""
+
+
+class Coalescer(Generic[T, R]):
+    def __init__(
+        self, flush: Flush[T, R], *, max_items: int, window: float, name: str, flush_timeout: float = 60.0
+    ) -> None:
+        self._flush = flush
+        self.flush_timeout = flush_timeout
+        self.max_items = max_items
+        self.window = window
+        self.name = name
+        self._send, self._receive = trio.open_memory_channel[tuple[T, _Slot[R]]](max_items)
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: T) -> R:
+        """Queue item for the next batch and wait until that batch is flushed."""
+        slot: _Slot[R] = _Slot()
+        try:
+            await self._send.send((item, slot))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise CoalescerClosed(f"{self.name} is shut down") from None
+        # Once queued, the item is flushed whatever happens to this caller, so
+        # wait for the outcome even if cancelled: the caller then learns it.
+        with trio.CancelScope(shield=True):
+            await slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        return slot.value  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Take no more items; run() flushes what is queued and returns."""
+        self._send.close()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Gather and flush batches until close() and everything queued is flushed."""
+        task_status.started()
+        batch: list[tuple[T, _Slot[R]]] = []
+        try:
+            while True:
+                try:
+                    batch = [await self._receive.receive()]
+                except trio.EndOfChannel:
+                    return
+                self._take_ready(batch)
+                if len(batch) < self.max_items and self.window > 0:
+                    with trio.move_on_after(self.window):
+                        while len(batch) < self.max_items:
+                            try:
+                                batch.append(await self._receive.receive())
+                            except trio.EndOfChannel:
+                                break
+                            self._take_ready(batch)
+                with trio.CancelScope(shield=True):
+                    await self._flush_batch(batch)
+                batch = []
+        finally:
+            # Cancelled before flushing: no caller may wait forever on its slot.
+            self._take_ready(batch, limit=None)
+            self._receive.close()
+            for _, slot in batch:
+                if not slot.done.is_set():
+                    slot.error = CoalescerClosed(f"{self.name} stopped before flushing")
+                    slot.done.set()
+
+    def _take_ready(self, batch: list[tuple[T, _Slot[R]]], limit: int | None = -1) -> None:
+        cap = self.max_items if limit == -1 else math.inf if limit is None else limit
+        while len(batch) < cap:
+            try:
+                batch.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+
+    async def _flush_batch(self, batch: list[tuple[T, _Slot[R]]]) -> None:
+        items = [item for item, _ in batch]
+        try:
+            with trio.fail_after(self.flush_timeout):
+                results: Sequence[R | BaseException] = await self._flush(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"{self.name}: flush returned {len(results)} results for {len(items)} items")
+        except Exception as exc:
+            results = [exc] * len(items)
+        self.batches += 1
+        self.items += len(items)
+        for (_, slot), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                slot.error = result
+            else:
+                slot.value = result
+            slot.done.set()
+
+    @property
+    def mean_batch(self) -> float:
+        return self.items / self.batches if self.batches else math.nan

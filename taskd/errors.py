@@ -1,0 +1,46 @@
+"""The errors taskd raises on purpose. Imports nothing from taskd.
+
+    TaskdError
+    ├── ConfigError            a setting is invalid (the CLI exits 2 with one line)
+    ├── SqlFileError           a file under sql/ is malformed, or a needed query is missing
+    ├── DatabaseError          the database failed a statement
+    │   └── DatabaseUnavailable  the database cannot be reached
+    └── InvalidTask            a task submitted by a client is not acceptable (HTTP 422)
+"""
+
+from __future__ import annotations
+
+
+class TaskdError(Exception):
+    """Base of every error taskd raises on purpose."""
+
+
+class ConfigError(TaskdError):
+    """A setting is invalid; the message names it."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+class SqlFileError(TaskdError):
+    """A file under sql/ is malformed, or a query taskd needs is missing."""
+
+
+class DatabaseError(TaskdError):
+    """The database failed a statement."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached."""
+
+
+class InvalidTask(TaskdError):
+    """A submitted task is not acceptable; `field` names what is wrong."""
+
+    def __init__(self, message: str, *, field: str | None = None, index: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.index = index

@@ -1,0 +1,33 @@
+"""Strict JSON text for what goes into jsonb columns. Imports nothing from taskd.
+
+PostgreSQL's jsonb rejects NaN and Infinity and the escaped NUL character, so
+a value holding any of them is refused here, with a clear message, before it
+can fail a whole batched statement.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_encoder = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+
+
+class NotJsonError(ValueError):
+    """The value cannot be stored as JSON."""
+
+
+def dumps(value: Any) -> str:
+    """Encode value as JSON text that PostgreSQL's jsonb accepts, or raise NotJsonError."""
+    try:
+        text = _encoder.encode(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise NotJsonError(str(exc)) from None
+    if "\\u0000" in text:
+        raise NotJsonError("strings containing the NUL character (\\u0000) cannot be stored")
+    return text
+
+
+def loads(text: str | None) -> Any:
+    """Decode JSON text from the database (None stays None)."""
+    return None if text is None else json.loads(text)

@@ -1,0 +1,88 @@
+"""Plain data passed between the layers: statuses, tasks, outcomes. Imports nothing from taskd."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from typing import Any
+
+
+class TaskStatus(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+FINISHED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task ready to insert: defaults resolved, payload already encoded as JSON text."""
+
+    task_type: str
+    payload_json: str
+    max_retries: int
+    timeout_seconds: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClaimedTask:
+    """A task a worker process holds a lease on, for one attempt."""
+
+    id: int
+    task_type: str
+    payload: Any
+    attempt: int
+    max_retries: int
+    timeout_seconds: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended, for the completion batch.
+
+    `status` is completed, retrying or failed; `result_json` and `error_json`
+    are JSON text; `retry_delay` is seconds until a retrying task is due.
+    """
+
+    task_id: int
+    attempt: int
+    status: TaskStatus
+    result_json: str | None = None
+    error_json: str | None = None
+    retry_delay: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Task:
+    """A task as a client sees it."""
+
+    id: int
+    task_type: str
+    status: TaskStatus
+    payload: Any
+    result: Any
+    attempts: int
+    max_retries: int
+    timeout_seconds: float
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    last_error: dict[str, Any] | None
+    errors: list[dict[str, Any]]
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+@dataclasses.dataclass(slots=True)
+class WorkerGauge:
+    """How many of this process's worker slots are busy; workers write it, the API reads it."""
+
+    size: int
+    busy: int = 0

@@ -1,0 +1,113 @@
+"""Task types and their handlers: the @task decorator and the registry it fills.
+
+A handler is `async def handler(payload, ctx)` or a plain `def` (run in a worker
+thread); its return value, any JSON value, is the task's result.
+Imports taskd.config, taskd.models, taskd.errors and taskd.jsontext.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from taskd import jsontext
+from taskd.config import Settings
+from taskd.errors import InvalidTask
+from taskd.models import NewTask
+
+MAX_TIMEOUT = 7 * 86_400.0
+MAX_RETRIES_LIMIT = 1000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What a handler knows about the attempt it runs in."""
+
+    task_id: int
+    task_type: str
+    attempt: int
+    max_retries: int
+    logger: logging.LoggerAdapter[logging.Logger]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Handler:
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    timeout: float | None = None
+    max_retries: int | None = None
+
+
+class Registry:
+    """Task type name -> handler."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def register(
+        self, name: str, fn: Callable[..., Any], *, timeout: float | None = None, max_retries: int | None = None
+    ) -> Handler:
+        if not name or not isinstance(name, str):
+            raise ValueError("a task type needs a non-empty name")
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"task {name!r}: timeout must be > 0 and <= {MAX_TIMEOUT:g} seconds")
+        if max_retries is not None and not 0 <= max_retries <= MAX_RETRIES_LIMIT:
+            raise ValueError(f"task {name!r}: max_retries must be between 0 and {MAX_RETRIES_LIMIT}")
+        existing = self._handlers.get(name)
+        if existing is not None and existing.fn is not fn:
+            raise ValueError(f"task type {name!r} is already registered to {existing.fn.__qualname__}")
+        handler = Handler(name, fn, inspect.iscoroutinefunction(fn), timeout, max_retries)
+        self._handlers[name] = handler
+        return handler
+
+    def task(
+        self, name: str | None = None, *, timeout: float | None = None, max_retries: int | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: register the function as the handler of task type `name` (default: its name)."""
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.register(name or fn.__name__, fn, timeout=timeout, max_retries=max_retries)
+            return fn
+
+        return decorate
+
+    def get(self, name: str) -> Handler | None:
+        return self._handlers.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def __iter__(self) -> Iterator[Handler]:
+        return iter(self._handlers.values())
+
+    def new_task(
+        self,
+        settings: Settings,
+        task_type: str,
+        payload: Any,
+        *,
+        max_retries: int | None = None,
+        timeout_seconds: float | None = None,
+    ) -> NewTask:
+        """Check a submitted task against the registry and resolve its defaults (task, then handler, then settings)."""
+        handler = self._handlers.get(task_type)
+        if handler is None:
+            known = ", ".join(self.names()) or "none"
+            raise InvalidTask(f"unknown task_type {task_type!r}; known types: {known}", field="task_type")
+        try:
+            payload_json = jsontext.dumps(payload)
+        except jsontext.NotJsonError as exc:
+            raise InvalidTask(f"payload cannot be stored as JSON: {exc}", field="payload") from None
+        if max_retries is None:
+            max_retries = handler.max_retries if handler.max_retries is not None else settings.max_retries
+        if timeout_seconds is None:
+            timeout_seconds = handler.timeout if handler.timeout is not None else settings.task_timeout
+        return NewTask(task_type, payload_json, max_retries, float(timeout_seconds))
+
+
+default_registry = Registry()
+task = default_registry.task

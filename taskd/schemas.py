@@ -1,0 +1,152 @@
+"""The HTTP API's request and response shapes (pydantic), for validation and the
+OpenAPI document. Imports nothing from taskd but taskd.models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from taskd.models import TaskStatus
+
+MAX_BATCH = 1000
+MAX_TIMEOUT_SECONDS = 7 * 86_400
+
+
+class TaskIn(BaseModel):
+    """A task to run."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    task_type: str = Field(min_length=1, max_length=200, description="a registered task type")
+    payload: dict[str, Any] = Field(default_factory=dict, description="the handler's input, a JSON object")
+    max_retries: int | None = Field(None, ge=0, le=1000, description="retries after the first attempt")
+    timeout_seconds: float | None = Field(None, gt=0, le=MAX_TIMEOUT_SECONDS, description="limit on one attempt")
+
+
+class BatchIn(BaseModel):
+    """Up to 1,000 tasks, inserted all or nothing."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    tasks: list[TaskIn] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class TaskCreated(BaseModel):
+    id: int
+    task_type: str
+    status: TaskStatus
+    url: str
+
+
+class BatchCreated(BaseModel):
+    ids: list[int]
+    count: int
+
+
+class AttemptError(BaseModel):
+    type: str
+    message: str
+    traceback: str | None = None
+    attempt: int
+    at: str
+
+
+class TaskOut(BaseModel):
+    id: int
+    task_type: str
+    status: TaskStatus
+    payload: Any
+    result: Any = None
+    attempts: int
+    max_retries: int
+    timeout_seconds: float
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    last_error: AttemptError | None
+    errors: list[AttemptError]
+
+
+class TaskPage(BaseModel):
+    items: list[TaskOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next (older) page; null at the end")
+
+
+class ListQuery(BaseModel):
+    status: TaskStatus | None = None
+    task_type: str | None = None
+    limit: int = Field(100, ge=1, le=1000)
+    cursor: str | None = None
+
+
+class WaitQuery(BaseModel):
+    wait: float = Field(0, ge=0, le=60, description="seconds to wait for the task to finish")
+
+
+class ResultOut(BaseModel):
+    id: int
+    status: TaskStatus
+    result: Any = None
+    error: AttemptError | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+class WorkersOut(BaseModel):
+    busy: int
+    size: int
+
+
+class StatsOut(BaseModel):
+    counts: dict[str, int]
+    total: int
+    workers: WorkersOut
+    completed_last_60s: int
+    failed_last_60s: int
+    success_rate: float | None
+    uptime_seconds: float
+
+
+class Percentiles(BaseModel):
+    avg: float | None
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+class TypeStats(BaseModel):
+    task_type: str
+    counts: dict[str, int]
+    total: int
+    success_rate: float | None
+    retry_success_rate: float | None
+    finished_last_hour: int
+    run_time_ms: Percentiles
+    queue_wait_ms: Percentiles
+
+
+class TimelinePoint(BaseModel):
+    second: str
+    completed: int
+    failed: int
+
+
+class DetailedStatsOut(BaseModel):
+    by_type: list[TypeStats]
+    timeline: list[TimelinePoint]
+    database_pool: dict[str, int]
+    processes: list[dict[str, Any]]
+
+
+class Health(BaseModel):
+    status: str

@@ -1,0 +1,150 @@
+"""The composition root: database -> Store -> nurseries. Every nursery in taskd
+is opened here, and their nesting is the shutdown order:
+
+    root: the Store's batching loops (outlive everything that submits or finishes)
+      services: signals, heartbeats, lease rescue (cancelled last)
+        work: the claim loop and the worker loops
+          http: hypercorn
+
+On SIGTERM/SIGINT: HTTP stops accepting and finishes its requests; claiming
+stops; workers finish what they hold for up to SHUTDOWN_GRACE (a second signal
+cuts it to zero); what is left is cancelled and released to pending without
+counting the attempt; outcomes are flushed; the connections close.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+from typing import Any
+
+import hypercorn.trio
+import trio
+import trio_asyncio
+from hypercorn.config import Config as HypercornConfig
+
+from taskd import maintenance
+from taskd.api import create_app
+from taskd.config import Settings
+from taskd.errors import DatabaseUnavailable
+from taskd.models import WorkerGauge
+from taskd.registry import Registry
+from taskd.store import Store
+from taskd.workers import WorkerPool
+
+log = logging.getLogger("taskd.server")
+
+RELEASE_TIMEOUT = 10.0
+
+
+class Shutdown:
+    """The first signal asks for a graceful stop; a second one for an immediate one."""
+
+    def __init__(self) -> None:
+        self.requested = trio.Event()
+        self.immediate = trio.Event()
+
+    async def watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if not self.requested.is_set():
+                    log.info("%s: shutting down gracefully (again to stop now)", signal.Signals(signum).name)
+                    self.requested.set()
+                else:
+                    log.info("%s again: cancelling running tasks now", signal.Signals(signum).name)
+                    self.immediate.set()
+
+    async def cancel_after_grace(self, scope: trio.CancelScope, grace: float) -> None:
+        with trio.move_on_after(grace):
+            await self.immediate.wait()
+        scope.cancel()
+
+
+def safe_url(url: str) -> str:
+    """The database URL without its password, for printing."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    return f"{scheme}{sep}{userinfo}{at}{host}"
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def open_store(settings: Settings, url: str) -> Store:
+    """Connect and migrate; with --wait-for-db keep trying while the database is unreachable."""
+    while True:
+        try:
+            return await Store.open(url, pool_size=settings.db_pool_size)
+        except DatabaseUnavailable as exc:
+            if not settings.wait_for_db:
+                raise
+            log.warning("waiting for the database (%s): %s", safe_url(url), exc)
+            await trio.sleep(1.0)
+
+
+async def serve(settings: Settings, registry: Registry, url: str, *, banner: str = "") -> None:
+    """Run the API and the workers until a signal; returns after a clean shutdown."""
+    async with trio_asyncio.open_loop():
+        store = await open_store(settings, url)
+        try:
+            await _run(store, settings, registry, url, banner)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+                try:
+                    await store.remove_process()
+                except Exception as exc:
+                    log.debug("could not remove this process's row: %s", exc)
+            await store.close()
+
+
+async def _run(store: Store, settings: Settings, registry: Registry, url: str, banner: str) -> None:
+    gauge = WorkerGauge(size=settings.worker_pool_size)
+    pool = WorkerPool(store, registry, settings, gauge)
+    app = create_app(store, registry, settings, gauge)
+    shutdown = Shutdown()
+    config = HypercornConfig()
+    config.bind = [_bind(settings.host, settings.port)]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = min(settings.shutdown_grace, 10.0)
+
+    async with trio.open_nursery() as root:
+        await root.start(store.inserts.run)
+        await root.start(store.finishes.run)
+        try:
+            async with trio.open_nursery() as services:
+                services.start_soon(shutdown.watch_signals)
+                services.start_soon(maintenance.heartbeat_loop, store, settings, gauge)
+                services.start_soon(maintenance.rescue_loop, store, settings)
+                async with trio.open_nursery() as work:
+                    send, receive = pool.open_channel()
+                    async with receive:
+                        for _ in range(settings.worker_pool_size):
+                            work.start_soon(pool.work_loop, receive.clone())
+                    if settings.worker_pool_size:
+                        work.start_soon(pool.claim_loop, send)
+                    else:
+                        send.close()
+                    async with trio.open_nursery() as http:
+                        binds: Any = await http.start(functools.partial(
+                            hypercorn.trio.serve, app, config, shutdown_trigger=shutdown.requested.wait))
+                        api = str(binds[0]) if binds else f"http://{config.bind[0]}"
+                        print(f"taskd: API {api}  docs {api}/docs  database {safe_url(url)}  "
+                              f"workers {settings.worker_pool_size}{banner}", flush=True)
+                    log.info("HTTP stopped; finishing running tasks (grace %gs)", settings.shutdown_grace)
+                    pool.stop_claiming()
+                    services.start_soon(shutdown.cancel_after_grace, work.cancel_scope, settings.shutdown_grace)
+                held = pool.held()
+                if held:
+                    log.info("releasing %d unfinished tasks to pending", len(held))
+                    with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+                        await store.release(held)
+                services.cancel_scope.cancel()
+        finally:
+            store.inserts.close()
+            store.finishes.close()
+    log.info("stopped cleanly")

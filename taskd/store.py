@@ -1,0 +1,365 @@
+"""The Store: the only place that speaks SQL, and the "new work" signal.
+
+The HTTP layer and the workers meet here and nowhere else. Hot paths hold
+dedicated connections and batch: concurrent submits are coalesced into one
+multi-row INSERT, outcomes of many attempts into one fenced UPDATE, and one
+claim statement fetches work for every free worker slot. LISTEN/NOTIFY wakes
+idle claimers and cancels deleted running tasks in whichever process runs them.
+
+Imports taskd.db, taskd.sql, taskd.migrations, taskd.models, taskd.errors, taskd.jsontext.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import trio
+
+from taskd import db, jsontext, sql
+from taskd.coalescer import Coalescer
+from taskd.errors import DatabaseError, DatabaseUnavailable, SqlFileError
+from taskd.migrations import apply_migrations
+from taskd.models import ClaimedTask, NewTask, Outcome, Task, TaskStatus
+
+log = logging.getLogger("taskd.store")
+
+NEW_WORK_CHANNEL = "taskd_new"
+CANCEL_CHANNEL = "taskd_cancel"
+INSERT_BATCH = 500
+INSERT_WINDOW = 0.002
+FINISH_BATCH = 500
+FINISH_WINDOW = 0.002
+TIMINGS_WINDOW_SECONDS = 3600.0
+TIMELINE_SECONDS = 900.0
+
+QUERIES_USED = frozenset({
+    "task_insert_many", "task_claim_many", "task_next_due", "task_finish_many", "task_release_many",
+    "task_extend_leases", "task_rescue_expired", "task_get", "task_list", "task_delete",
+    "process_heartbeat", "process_remove", "process_list_live", "process_prune",
+    "stats_counts", "stats_recent", "stats_by_type", "stats_timings_by_type", "stats_timeline", "db_ping",
+    "migration_lock", "migration_unlock", "migration_prepare", "migration_applied", "migration_record",
+})
+
+
+def new_process_id() -> str:
+    """A name for this process in leases and the process table, unique across machines and restarts."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+class _Dedicated:
+    """A connection owned by one loop; after the server goes away, the next call reconnects."""
+
+    def __init__(self, url: str, role: str) -> None:
+        self._url = url
+        self.role = role
+        self._conn: db.Connection | None = None
+
+    async def get(self) -> db.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await db.connect(self._url)
+        return self._conn
+
+    async def run(self, query: sql.Query, *args: Any) -> Any:
+        conn = await self.get()
+        try:
+            return await conn.run(query, *args)
+        except DatabaseUnavailable:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+
+def _task_from_row(row: Mapping[str, Any]) -> Task:
+    return Task(
+        id=row["id"],
+        task_type=row["task_type"],
+        status=TaskStatus(row["status"]),
+        payload=jsontext.loads(row["payload"]),
+        result=jsontext.loads(row["result"]),
+        attempts=row["attempts"],
+        max_retries=row["max_retries"],
+        timeout_seconds=row["timeout_seconds"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        last_error=jsontext.loads(row["last_error"]),
+        errors=jsontext.loads(row["errors"]) or [],
+    )
+
+
+class Store:
+    """Every SQL statement taskd runs, one method per named query."""
+
+    def __init__(self, url: str, pool: db.Pool, *, process_id: str) -> None:
+        self.url = url
+        self.process_id = process_id
+        self._pool = pool
+        self._q = sql.queries()
+        self._inserter = _Dedicated(url, "inserter")
+        self._claimer = _Dedicated(url, "claimer")
+        self._finisher = _Dedicated(url, "finisher")
+        self._listener = _Dedicated(url, "listener")
+        self._new_work = trio.Event()
+        self._cancel_callbacks: list[Callable[[int], None]] = []
+        self._finish_events: dict[int, trio.Event] = {}
+        self.inserts: Coalescer[NewTask, int] = Coalescer(
+            self._insert_batch, max_items=INSERT_BATCH, window=INSERT_WINDOW, name="inserter")
+        self.finishes: Coalescer[Outcome, bool] = Coalescer(
+            self._finish_batch, max_items=FINISH_BATCH, window=FINISH_WINDOW, name="finisher")
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, url: str, *, pool_size: int, process_id: str | None = None) -> Store:
+        """Connect, apply migrations and start listening; the caller closes it."""
+        missing = QUERIES_USED - set(sql.queries())
+        if missing:
+            raise SqlFileError(f"queries missing from sql/: {', '.join(sorted(missing))}")
+        conn = await db.connect(url)
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+        pool = await db.create_pool(url, size=pool_size)
+        store = cls(url, pool, process_id=process_id or new_process_id())
+        try:
+            await store._start_listening()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def _start_listening(self) -> None:
+        conn = await self._listener.get()
+        await conn.listen(NEW_WORK_CHANNEL, self._on_new_work)
+        await conn.listen(CANCEL_CHANNEL, self._on_cancel)
+
+    async def close(self) -> None:
+        """Close every connection (shielded and bounded inside db)."""
+        for dedicated in (self._inserter, self._claimer, self._finisher, self._listener):
+            await dedicated.close()
+        await self._pool.close()
+
+    # -- signals ----------------------------------------------------------------------------------
+
+    def _on_new_work(self, _payload: str) -> None:
+        self._new_work.set()
+
+    def _on_cancel(self, payload: str) -> None:
+        try:
+            task_id = int(payload)
+        except ValueError:
+            return
+        for callback in self._cancel_callbacks:
+            callback(task_id)
+        self._signal_finished([task_id])
+
+    def on_cancel(self, callback: Callable[[int], None]) -> None:
+        """Call callback(task_id) when a running task is deleted, in any process."""
+        self._cancel_callbacks.append(callback)
+
+    async def wait_for_work(self) -> None:
+        """Return when new tasks were inserted since the last call (callers bound it with a timeout)."""
+        await self._new_work.wait()
+
+    def clear_new_work(self) -> None:
+        """Forget notifications received so far; call just before claiming."""
+        if self._new_work.is_set():
+            self._new_work = trio.Event()
+
+    def _signal_finished(self, task_ids: Sequence[int]) -> None:
+        for task_id in task_ids:
+            event = self._finish_events.pop(task_id, None)
+            if event is not None:
+                event.set()
+
+    # -- submitting -------------------------------------------------------------------------------
+
+    async def submit(self, task: NewTask) -> int:
+        """Insert one task, coalesced with concurrent submits into one statement; returns its id."""
+        return await self.inserts.submit(task)
+
+    async def submit_many(self, tasks: Sequence[NewTask]) -> list[int]:
+        """Insert tasks in one statement, all or nothing; ids in the order given."""
+        rows = await self._pool.run(self._q["task_insert_many"], *_insert_args(tasks))
+        return sorted(row["id"] for row in rows)
+
+    async def _insert_batch(self, tasks: Sequence[NewTask]) -> Sequence[int | BaseException]:
+        try:
+            rows = await self._inserter.run(self._q["task_insert_many"], *_insert_args(tasks))
+            return sorted(row["id"] for row in rows)
+        except DatabaseUnavailable:
+            raise
+        except DatabaseError:
+            if len(tasks) == 1:
+                raise
+        # One bad row failed the batch: insert one by one so each request gets its own answer.
+        results: list[int | BaseException] = []
+        for task in tasks:
+            try:
+                rows = await self._inserter.run(self._q["task_insert_many"], *_insert_args([task]))
+                results.append(rows[0]["id"])
+            except DatabaseError as exc:
+                results.append(exc)
+        return results
+
+    # -- claiming and finishing -------------------------------------------------------------------
+
+    async def claim(self, limit: int, task_types: Sequence[str], lease_seconds: float) -> list[ClaimedTask]:
+        """Lease up to `limit` runnable tasks of the given types to this process."""
+        rows = await self._claimer.run(
+            self._q["task_claim_many"], self.process_id, limit, list(task_types), lease_seconds)
+        return [
+            ClaimedTask(row["id"], row["task_type"], jsontext.loads(row["payload"]), row["attempts"],
+                        row["max_retries"], row["timeout_seconds"])
+            for row in rows
+        ]
+
+    async def next_due(self, task_types: Sequence[str]) -> dt.datetime | None:
+        """When the next waiting task of these types is due (it may be now or past)."""
+        return await self._claimer.run(self._q["task_next_due"], list(task_types))
+
+    async def finish(self, outcome: Outcome) -> bool:
+        """Record an attempt's outcome (batched with others); False if this process no longer held its lease."""
+        return await self.finishes.submit(outcome)
+
+    async def _finish_batch(self, outcomes: Sequence[Outcome]) -> Sequence[bool]:
+        query = self._q["task_finish_many"]
+        args = (
+            self.process_id,
+            [o.task_id for o in outcomes],
+            [o.attempt for o in outcomes],
+            [o.status.value for o in outcomes],
+            [o.result_json for o in outcomes],
+            [o.error_json for o in outcomes],
+            [o.retry_delay for o in outcomes],
+        )
+        # Results must not be lost to a database blip: retry until written (the lease
+        # outlives a short outage; after a long one the fence rejects stale outcomes).
+        delay = 0.1
+        while True:
+            try:
+                rows = await self._finisher.run(query, *args)
+                break
+            except DatabaseUnavailable as exc:
+                log.warning("writing %d outcomes failed, retrying in %.1fs: %s", len(outcomes), delay, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        written = {row["id"] for row in rows}
+        self._signal_finished([o.task_id for o in outcomes if o.status != TaskStatus.RETRYING])
+        return [o.task_id in written for o in outcomes]
+
+    async def release(self, claims: Sequence[tuple[int, int]]) -> None:
+        """Return claimed, unfinished (task id, attempt) pairs to pending without counting the attempt."""
+        if claims:
+            await self._pool.run(self._q["task_release_many"], self.process_id,
+                                 [c[0] for c in claims], [c[1] for c in claims])
+
+    # -- leases and processes ---------------------------------------------------------------------
+
+    async def heartbeat(self, lease_seconds: float, workers: int, busy: int) -> None:
+        """Renew every lease this process holds and record that it is alive."""
+        await self._pool.run(self._q["task_extend_leases"], self.process_id, lease_seconds)
+        await self._pool.run(self._q["process_heartbeat"], self.process_id, socket.gethostname(),
+                             os.getpid(), workers, busy)
+
+    async def remove_process(self) -> None:
+        await self._pool.run(self._q["process_remove"], self.process_id)
+
+    async def rescue_expired(self) -> list[tuple[int, TaskStatus]]:
+        """Requeue (or fail) tasks whose lease ran out; returns (id, new status) pairs."""
+        rows = await self._pool.run(self._q["task_rescue_expired"])
+        self._signal_finished([row["id"] for row in rows if row["status"] == TaskStatus.FAILED])
+        if rows:
+            self._new_work.set()
+        return [(row["id"], TaskStatus(row["status"])) for row in rows]
+
+    async def prune_processes(self, older_than: float) -> None:
+        await self._pool.run(self._q["process_prune"], older_than)
+
+    async def live_processes(self, seen_within: float) -> list[dict[str, Any]]:
+        rows = await self._pool.run(self._q["process_list_live"], seen_within)
+        return [dict(row) for row in rows]
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def get(self, task_id: int) -> Task | None:
+        row = await self._pool.run(self._q["task_get"], task_id)
+        return None if row is None else _task_from_row(row)
+
+    async def list_tasks(
+        self, *, status: str | None, task_type: str | None, before_id: int | None, limit: int
+    ) -> list[Task]:
+        rows = await self._pool.run(self._q["task_list"], status, task_type, before_id, limit)
+        return [_task_from_row(row) for row in rows]
+
+    async def delete(self, task_id: int) -> TaskStatus | None:
+        """Delete a task; returns the status it had, None if there was none."""
+        status = await self._pool.run(self._q["task_delete"], task_id)
+        if status is None:
+            return None
+        self._signal_finished([task_id])
+        return TaskStatus(status)
+
+    async def wait_finished(self, task_id: int, seconds: float) -> Task | None:
+        """The task once it is completed or failed, or as it is after `seconds`."""
+        deadline = trio.current_time() + seconds
+        while True:
+            # Register before reading, so a finish between the read and the wait is not missed;
+            # the short poll covers tasks finished by other processes.
+            event = self._finish_events.setdefault(task_id, trio.Event())
+            task = await self.get(task_id)
+            remaining = deadline - trio.current_time()
+            if task is None or task.finished or remaining <= 0:
+                if task is None or task.finished:
+                    self._finish_events.pop(task_id, None)
+                return task
+            with trio.move_on_after(min(remaining, 0.25)):
+                await event.wait()
+
+    async def ping(self) -> bool:
+        try:
+            with trio.fail_after(2):
+                return await self._pool.run(self._q["db_ping"]) == 1
+        except (DatabaseError, trio.TooSlowError):
+            return False
+
+    def pool_usage(self) -> dict[str, int]:
+        return self._pool.usage()
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._pool.run(self._q["stats_counts"])
+        counts = {status.value: 0 for status in TaskStatus}
+        counts.update({row["status"]: row["n"] for row in rows})
+        return counts
+
+    async def recent(self, seconds: float) -> dict[str, int]:
+        row = await self._pool.run(self._q["stats_recent"], seconds)
+        return {"completed": row["completed"], "failed": row["failed"]}
+
+    async def by_type(self) -> list[dict[str, Any]]:
+        return [dict(row) for row in await self._pool.run(self._q["stats_by_type"])]
+
+    async def timings_by_type(self, seconds: float = TIMINGS_WINDOW_SECONDS) -> list[dict[str, Any]]:
+        return [dict(row) for row in await self._pool.run(self._q["stats_timings_by_type"], seconds)]
+
+    async def timeline(self, seconds: float = TIMELINE_SECONDS) -> list[dict[str, Any]]:
+        return [dict(row) for row in await self._pool.run(self._q["stats_timeline"], seconds)]
+
+
+def _insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
+    return (
+        [t.task_type for t in tasks],
+        [t.payload_json for t in tasks],
+        [t.max_retries for t in tasks],
+        [t.timeout_seconds for t in tasks],
+    )

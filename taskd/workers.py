@@ -1,0 +1,257 @@
+"""The worker side: one claim loop per process feeding N worker loops.
+
+The claim loop asks the Store for at most as many tasks as there are free
+worker slots, in one statement, and passes them to the workers through a
+channel; when the queue is empty it sleeps until a NOTIFY says new work
+arrived, the next retry falls due, or the fallback poll interval passes.
+Each attempt runs in its own cancel scope under its timeout; its outcome goes
+back to the Store, which writes outcomes in batches.
+
+The server starts these loops in its nurseries; this module opens none.
+Imports taskd.store, taskd.registry, taskd.config, taskd.models, taskd.errors, taskd.jsontext.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import random
+import time
+import traceback
+from typing import Any
+
+import trio
+
+from taskd import jsontext
+from taskd.config import Settings
+from taskd.errors import DatabaseError
+from taskd.models import ClaimedTask, Outcome, TaskStatus, WorkerGauge
+from taskd.registry import Handler, Registry, TaskContext
+from taskd.store import Store
+
+log = logging.getLogger("taskd.workers")
+
+POLL_INTERVAL = 2.0  # fallback when a NOTIFY is missed
+MIN_WAIT = 0.005
+MAX_CLAIM = 500
+TRACEBACK_CHARS = 2000
+MESSAGE_CHARS = 2000
+
+
+def retry_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff for the retry after `attempt` (1-based), capped, with equal jitter."""
+    ceiling = min(cap, base * 2 ** min(attempt - 1, 60))
+    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+
+
+def describe_error(exc: BaseException, attempt: int) -> dict[str, Any]:
+    """What is kept of a failed attempt: type, message and the tail of the traceback."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8))
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc)[:MESSAGE_CHARS],
+        "traceback": tb[-TRACEBACK_CHARS:],
+        "attempt": attempt,
+        "at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+
+
+class AttemptTimeout(Exception):
+    """The attempt ran longer than its timeout."""
+
+
+class ResultNotJSON(TypeError):
+    """The handler returned something that cannot be stored as JSON."""
+
+
+class WorkerPool:
+    """The claim loop, the worker loops and the bookkeeping they share."""
+
+    def __init__(self, store: Store, registry: Registry, settings: Settings, gauge: WorkerGauge) -> None:
+        self.store = store
+        self.registry = registry
+        self.settings = settings
+        self.gauge = gauge
+        self.size = settings.worker_pool_size
+        self._slots = trio.Semaphore(self.size)
+        self._threads = trio.CapacityLimiter(max(1, self.size))
+        self._claim_scope = trio.CancelScope()
+        self._held: dict[int, int] = {}  # claimed and not yet finished: task id -> attempt
+        self._running: dict[int, trio.CancelScope] = {}
+        self._deleted: set[int] = set()
+        self.claims = 0
+        self.claimed = 0
+        store.on_cancel(self._cancel_deleted)
+
+    def open_channel(self) -> tuple[trio.MemorySendChannel[ClaimedTask], trio.MemoryReceiveChannel[ClaimedTask]]:
+        """The hand-over from claimer to workers; it never holds more than there are slots."""
+        return trio.open_memory_channel[ClaimedTask](max(1, self.size))
+
+    @property
+    def free_slots(self) -> int:
+        return self._slots.value
+
+    def held(self) -> list[tuple[int, int]]:
+        """(task id, attempt) of every task claimed and not yet finished."""
+        return list(self._held.items())
+
+    def stop_claiming(self) -> None:
+        self._claim_scope.cancel()
+
+    def _cancel_deleted(self, task_id: int) -> None:
+        if task_id not in self._held:
+            return
+        self._deleted.add(task_id)
+        scope = self._running.get(task_id)
+        if scope is not None:
+            scope.cancel()
+
+    # -- claiming ---------------------------------------------------------------------------------
+
+    async def claim_loop(self, send: trio.MemorySendChannel[ClaimedTask]) -> None:
+        """Claim work for free slots until stop_claiming(); closes `send` so the workers drain and stop."""
+        task_types = self.registry.names()
+        async with send:
+            with self._claim_scope:
+                while True:
+                    await self._wait_for_free_slot()
+                    wanted = min(self.free_slots, MAX_CLAIM)
+                    self.store.clear_new_work()
+                    tasks = await self._claim(wanted, task_types)
+                    for task in tasks:
+                        self._slots.acquire_nowait()
+                        self._held[task.id] = task.attempt
+                        send.send_nowait(task)
+                    if len(tasks) < wanted:
+                        await self._wait_for_work(task_types)
+
+    async def _wait_for_free_slot(self) -> None:
+        await self._slots.acquire()
+        self._slots.release()
+
+    async def _claim(self, wanted: int, task_types: list[str]) -> list[ClaimedTask]:
+        # Shielded: a claim that committed must reach the workers, or its tasks
+        # would sit leased to us until the lease ran out.
+        with trio.CancelScope(shield=True):
+            try:
+                tasks = await self.store.claim(wanted, task_types, self.settings.lease_seconds)
+            except DatabaseError as exc:
+                log.warning("claiming failed, will try again: %s", exc)
+                tasks = []
+        self.claims += 1
+        self.claimed += len(tasks)
+        return tasks
+
+    async def _wait_for_work(self, task_types: list[str]) -> None:
+        try:
+            next_due = await self.store.next_due(task_types)
+        except DatabaseError as exc:
+            log.warning("reading the next due time failed: %s", exc)
+            next_due = None
+        wait = POLL_INTERVAL
+        if next_due is not None:
+            until_due = (next_due - dt.datetime.now(dt.UTC)).total_seconds()
+            wait = min(POLL_INTERVAL, max(MIN_WAIT, until_due))
+        with trio.move_on_after(wait):
+            await self.store.wait_for_work()
+
+    # -- working ----------------------------------------------------------------------------------
+
+    async def work_loop(self, receive: trio.MemoryReceiveChannel[ClaimedTask]) -> None:
+        """Run claimed tasks one at a time until the claim loop closes the channel."""
+        async with receive:
+            async for task in receive:
+                try:
+                    await self._run(task)
+                finally:
+                    self._slots.release()
+
+    async def _run(self, task: ClaimedTask) -> None:
+        if task.id in self._deleted:
+            self._forget(task.id)
+            return
+        handler = self.registry.get(task.task_type)
+        assert handler is not None, "the claim only asks for registered types"
+        self.gauge.busy += 1
+        try:
+            outcome = await self._attempt(handler, task)
+            if outcome is None:
+                log.info("task %d (%s) was deleted while running; cancelled", task.id, task.task_type)
+            else:
+                written = await self.store.finish(outcome)
+                self._log_outcome(task, outcome, written)
+            self._forget(task.id)
+        finally:
+            self.gauge.busy -= 1
+
+    def _forget(self, task_id: int) -> None:
+        self._held.pop(task_id, None)
+        self._deleted.discard(task_id)
+
+    async def _attempt(self, handler: Handler, task: ClaimedTask) -> Outcome | None:
+        """Run one attempt; None if the task was deleted meanwhile."""
+        ctx = TaskContext(
+            task_id=task.id, task_type=task.task_type, attempt=task.attempt, max_retries=task.max_retries,
+            logger=logging.LoggerAdapter(logging.getLogger(f"taskd.task.{task.task_type}"), {"task_id": task.id}),
+        )
+        error: BaseException | None = None
+        result_json: str | None = None
+        started = time.perf_counter()
+        with trio.CancelScope() as delete_scope:
+            self._running[task.id] = delete_scope
+            try:
+                with trio.move_on_after(task.timeout_seconds) as timeout_scope:
+                    try:
+                        result = await self._call(handler, task.payload, ctx)
+                        result_json = _encode_result(result)
+                    except Exception as exc:  # the handler's failure is the task's data, not ours
+                        error = exc
+                if timeout_scope.cancelled_caught:
+                    error = AttemptTimeout(
+                        f"attempt {task.attempt} exceeded its timeout of {task.timeout_seconds:g}s "
+                        f"(ran {time.perf_counter() - started:.3f}s)")
+            finally:
+                self._running.pop(task.id, None)
+        if delete_scope.cancelled_caught or task.id in self._deleted:
+            return None
+        if error is None:
+            return Outcome(task.id, task.attempt, TaskStatus.COMPLETED, result_json=result_json)
+        error_json = jsontext.dumps(describe_error(error, task.attempt))
+        if task.attempt <= task.max_retries:
+            delay = retry_delay(task.attempt, self.settings.retry_delay, self.settings.retry_delay_max)
+            return Outcome(task.id, task.attempt, TaskStatus.RETRYING, error_json=error_json, retry_delay=delay)
+        return Outcome(task.id, task.attempt, TaskStatus.FAILED, error_json=error_json)
+
+    async def _call(self, handler: Handler, payload: Any, ctx: TaskContext) -> Any:
+        if handler.is_async:
+            return await handler.fn(payload, ctx)
+        # A plain function runs in a thread; on timeout or delete the thread is
+        # abandoned (Python cannot stop it) and its result ignored.
+        return await trio.to_thread.run_sync(
+            functools.partial(handler.fn, payload, ctx), abandon_on_cancel=True, limiter=self._threads)
+
+    def _log_outcome(self, task: ClaimedTask, outcome: Outcome, written: bool) -> None:
+        if not written:
+            log.warning("task %d (%s) attempt %d finished after its lease was lost; outcome discarded",
+                        task.id, task.task_type, task.attempt)
+        elif outcome.status == TaskStatus.COMPLETED:
+            log.debug("task %d (%s) completed on attempt %d", task.id, task.task_type, task.attempt)
+        elif outcome.status == TaskStatus.RETRYING:
+            log.info("task %d (%s) attempt %d failed, retry in %.2fs: %s", task.id, task.task_type,
+                     task.attempt, outcome.retry_delay, _error_summary(outcome))
+        else:
+            log.warning("task %d (%s) failed after %d attempts: %s", task.id, task.task_type,
+                        task.attempt, _error_summary(outcome))
+
+
+def _encode_result(result: Any) -> str:
+    try:
+        return jsontext.dumps(result)
+    except jsontext.NotJsonError as exc:
+        raise ResultNotJSON(f"result of type {type(result).__name__} is not JSON-serialisable: {exc}") from None
+
+
+def _error_summary(outcome: Outcome) -> str:
+    error = jsontext.loads(outcome.error_json) or {}
+    return f"{error.get('type')}: {error.get('message')}"
