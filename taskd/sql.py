@@ -4,7 +4,7 @@ A query file holds blocks that start with a River-style header:
 
     -- name: task_get :one
     -- One task by id.
-    SELECT ...
+    <the statement, up to the next header>
 
 Kinds are :one, :many, :val and :exec (asyncpg's fetchrow, fetch, fetchval,
 execute). Migrations are sql/migrations/NNNN_name.sql, applied in order.

@@ -1,0 +1,165 @@
+import json
+from typing import Any
+
+import pytest
+
+from taskd import builtin_tasks  # noqa: F401  (registers the built-in types)
+from taskd.api import create_app
+from taskd.config import Settings
+from taskd.models import WorkerGauge
+from taskd.registry import default_registry
+
+from .fakes import FakeStore
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+def store() -> FakeStore:
+    return FakeStore()
+
+
+@pytest.fixture
+def client(store: FakeStore) -> Any:
+    app = create_app(store, default_registry, Settings(max_body_bytes=4096), WorkerGauge(50))  # type: ignore[arg-type]
+    return app.test_client()
+
+
+async def post(client: Any, path: str, body: Any, headers: dict[str, str] = JSON) -> Any:
+    data = body if isinstance(body, bytes | str) else json.dumps(body)
+    return await client.post(path, data=data, headers=headers)
+
+
+async def error_of(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status
+    body = await response.get_json()
+    assert set(body["error"]) == {"code", "message", "details"}
+    return body["error"]
+
+
+async def test_submit_returns_201_with_location(client: Any, store: FakeStore) -> None:
+    response = await post(client, "/tasks", {"task_type": "echo", "payload": {"a": 1}, "max_retries": 0})
+    assert response.status_code == 201
+    body = await response.get_json()
+    assert body == {"id": 1, "task_type": "echo", "status": "pending", "url": "/tasks/1"}
+    assert response.headers["Location"] == "/tasks/1"
+    assert store.submitted[0].max_retries == 0 and store.submitted[0].payload_json == '{"a":1}'
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        (b'{"task_type": "echo",', JSON, 400, "malformed_json"),
+        (b"task_type=echo", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+        (b'{"task_type": "echo"}', {}, 415, "unsupported_media_type"),
+        (b'{"task_type": "nope"}', JSON, 422, "invalid_task"),
+        (b'{"task_type": "echo", "payload": [1]}', JSON, 422, "invalid_request"),
+        (b'{"task_type": "echo", "max_retries": -1}', JSON, 422, "invalid_request"),
+        (b'{"task_type": "echo", "max_retries": "3"}', JSON, 422, "invalid_request"),
+        (b'{"task_type": "echo", "timeout_seconds": 0}', JSON, 422, "invalid_request"),
+        (b'{"task_type": "echo", "priority": 5}', JSON, 422, "invalid_request"),
+        (b'{"task_type": "echo", "payload": {"s": "\\u0000"}}', JSON, 422, "invalid_task"),
+        (b'[]', JSON, 422, "invalid_request"),
+        (b'{"payload": {}}', JSON, 422, "invalid_request"),
+        (b'{"task_type": "echo", "payload": {"x": "' + b"y" * 5000 + b'"}}', JSON, 413, "request_entity_too_large"),
+    ],
+)
+async def test_bad_submissions_get_a_json_4xx_and_write_nothing(
+    client: Any, store: FakeStore, body: bytes, headers: dict[str, str], status: int, code: str
+) -> None:
+    error = await error_of(await post(client, "/tasks", body, headers), status)
+    assert error["code"] == code
+    assert store.submitted == []
+
+
+async def test_unknown_type_message_lists_known_types(client: Any) -> None:
+    error = await error_of(await post(client, "/tasks", {"task_type": "resize"}), 422)
+    assert "known types" in error["message"] and "echo" in error["message"]
+
+
+async def test_batch_is_all_or_nothing_and_names_the_bad_index(client: Any, store: FakeStore) -> None:
+    tasks = [{"task_type": "echo"}] * 3 + [{"task_type": "nope"}]
+    error = await error_of(await post(client, "/tasks/batch", {"tasks": tasks}), 422)
+    assert error["details"]["index"] == 3 and error["message"].startswith("tasks[3]")
+    error = await error_of(await post(client, "/tasks/batch", {"tasks": [{"task_type": "echo"}, {"x": 1}]}), 422)
+    assert error["details"][0]["loc"].startswith("tasks.1")
+    assert store.submitted == []
+    await error_of(await post(client, "/tasks/batch", {"tasks": []}), 422)
+    await error_of(await post(client, "/tasks/batch", {"tasks": [{"task_type": "echo"}] * 1001}), 413)
+    response = await post(client, "/tasks/batch", {"tasks": [{"task_type": "echo", "payload": {"i": i}} for i in range(3)]})
+    assert response.status_code == 201
+    assert await response.get_json() == {"ids": [1, 2, 3], "count": 3}
+
+
+async def test_batch_over_1000_items_is_rejected() -> None:
+    app = create_app(FakeStore(), default_registry, Settings(), WorkerGauge(1))  # type: ignore[arg-type]
+    response = await post(app.test_client(), "/tasks/batch", {"tasks": [{"task_type": "echo"}] * 1001})
+    error = await error_of(response, 422)
+    assert "1000" in error["message"]
+
+
+@pytest.mark.parametrize("path", ["/tasks/999", "/tasks/abc", "/tasks/0", "/tasks/99999999999999999999",
+                                  "/tasks/-1", "/tasks/999/result", "/nowhere"])
+async def test_unknown_ids_and_paths_are_404(client: Any, path: str) -> None:
+    await error_of(await client.get(path), 404)
+
+
+async def test_delete_unknown_is_404_and_known_is_204(client: Any, store: FakeStore) -> None:
+    await error_of(await client.delete("/tasks/5"), 404)
+    task_id = store.add("echo", {})
+    assert (await client.delete(f"/tasks/{task_id}")).status_code == 204
+    await error_of(await client.get(f"/tasks/{task_id}"), 404)
+
+
+async def test_result_is_202_until_finished_then_200(client: Any, store: FakeStore) -> None:
+    task_id = store.add("echo", {})
+    response = await client.get(f"/tasks/{task_id}/result")
+    assert response.status_code == 202 and (await response.get_json())["status"] == "pending"
+    store.tasks[task_id].update(status="completed", result={"ok": True})
+    response = await client.get(f"/tasks/{task_id}/result?wait=1")
+    assert response.status_code == 200
+    assert await response.get_json() == {"id": task_id, "status": "completed", "result": {"ok": True}}
+    for bad in ("-1", "61", "soon"):
+        await error_of(await client.get(f"/tasks/{task_id}/result?wait={bad}"), 422)
+
+
+async def test_list_filters_and_pages_with_a_cursor(client: Any, store: FakeStore) -> None:
+    for i in range(5):
+        store.add("echo" if i % 2 else "sleep", {"i": i})
+    page = await (await client.get("/tasks?limit=2")).get_json()
+    assert [t["id"] for t in page["items"]] == [5, 4] and page["next_cursor"] == "4"
+    page = await (await client.get(f"/tasks?limit=2&cursor={page['next_cursor']}")).get_json()
+    assert [t["id"] for t in page["items"]] == [3, 2]
+    page = await (await client.get("/tasks?task_type=echo")).get_json()
+    assert [t["id"] for t in page["items"]] == [4, 2] and page["next_cursor"] is None
+    for bad in ("status=done", "limit=0", "limit=1001", "cursor=x", "cursor=-3"):
+        await error_of(await client.get(f"/tasks?{bad}"), 422)
+
+
+async def test_stats_shape(client: Any, store: FakeStore) -> None:
+    store.add("echo", {})
+    body = await (await client.get("/stats")).get_json()
+    assert body["counts"]["pending"] == 1 and body["total"] == 1
+    assert body["workers"] == {"busy": 0, "size": 50}
+    assert {"completed_last_60s", "success_rate", "uptime_seconds"} <= set(body)
+    detailed = await (await client.get("/stats/detailed")).get_json()
+    assert set(detailed) == {"by_type", "timeline", "database_pool", "processes"}
+
+
+async def test_openapi_documents_every_route(client: Any) -> None:
+    spec = await (await client.get("/openapi.json")).get_json()
+    paths = spec["paths"]
+    for path, methods in {
+        "/tasks": {"post", "get"}, "/tasks/batch": {"post"}, "/tasks/{task_id}": {"get", "delete"},
+        "/tasks/{task_id}/result": {"get"}, "/stats": {"get"}, "/stats/detailed": {"get"},
+        "/health": {"get"}, "/ready": {"get"},
+    }.items():
+        assert methods <= set(paths[path]), path
+    assert "TaskIn" in json.dumps(paths["/tasks"]["post"])
+    for page in ("/docs", "/redoc"):
+        assert (await client.get(page)).status_code == 200
+
+
+async def test_wrong_method_is_405_json(client: Any) -> None:
+    error = await error_of(await client.put("/tasks"), 405)
+    assert error["code"] == "method_not_allowed"

@@ -1,0 +1,80 @@
+import logging
+
+import pytest
+import trio
+
+from taskd import builtin_tasks, jsontext
+from taskd.config import Settings
+from taskd.errors import InvalidTask
+from taskd.registry import Registry, TaskContext, default_registry
+
+
+def ctx(attempt: int = 1) -> TaskContext:
+    return TaskContext(1, "t", attempt, 3, logging.LoggerAdapter(logging.getLogger("t"), {}))
+
+
+def test_builtins_are_registered() -> None:
+    assert {"echo", "sleep", "data_processing"} <= set(default_registry.names())
+    assert default_registry.get("data_processing").is_async is False  # type: ignore[union-attr]
+    assert default_registry.get("echo").is_async is True  # type: ignore[union-attr]
+
+
+def test_defaults_resolve_task_then_handler_then_settings() -> None:
+    registry = Registry()
+
+    @registry.task("resize", timeout=30, max_retries=5)
+    async def resize(payload: object, ctx: TaskContext) -> None: ...
+
+    @registry.task()
+    async def plain(payload: object, ctx: TaskContext) -> None: ...
+
+    settings = Settings(max_retries=2, task_timeout=99)
+    assert registry.new_task(settings, "resize", {}).max_retries == 5
+    assert registry.new_task(settings, "resize", {}).timeout_seconds == 30
+    assert registry.new_task(settings, "resize", {}, max_retries=0, timeout_seconds=1).max_retries == 0
+    assert registry.new_task(settings, "plain", {}).max_retries == 2
+    assert registry.new_task(settings, "plain", {}).timeout_seconds == 99
+
+
+def test_unknown_type_lists_known_types() -> None:
+    with pytest.raises(InvalidTask, match="unknown task_type 'nope'; known types: .*data_processing, echo, sleep"):
+        default_registry.new_task(Settings(), "nope", {})
+
+
+@pytest.mark.parametrize("payload", [{"x": float("nan")}, {"x": float("inf")}, {"s": "a\x00b"}])
+def test_payloads_postgres_cannot_store_are_rejected(payload: object) -> None:
+    with pytest.raises(InvalidTask, match="payload"):
+        default_registry.new_task(Settings(), "echo", payload)
+
+
+def test_registering_a_name_twice_is_an_error() -> None:
+    registry = Registry()
+    registry.register("a", lambda p, c: None)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("a", lambda p, c: 1)
+
+
+def test_jsontext_round_trips_unicode() -> None:
+    assert jsontext.loads(jsontext.dumps({"é": ["ü", 1, None]})) == {"é": ["ü", 1, None]}
+
+
+def test_data_processing_counts_and_hashes() -> None:
+    out = builtin_tasks.data_processing({"data": "hello world\nfoo"}, ctx())
+    assert out == {"characters": 15, "words": 3, "lines": 2, "upper": "HELLO WORLD\nFOO",
+                   "sha256": "e607eb8eb0e2262aebaf46f2ea1b98f718e8fa7ed9c61472f05027fc1ac42439"}
+    assert builtin_tasks.data_processing({"data": ["a b", "c"]}, ctx())["lines"] == 2
+    with pytest.raises(builtin_tasks.BadPayload):
+        builtin_tasks.data_processing({"data": 5}, ctx())
+
+
+async def test_sleep_validates_and_sleeps(autojump_clock: trio.abc.Clock) -> None:
+    start = trio.current_time()
+    assert await builtin_tasks.sleep({"seconds": 2.5}, ctx()) == {"slept": 2.5}
+    assert trio.current_time() - start == pytest.approx(2.5)
+    for bad in ({"seconds": 3601}, {"seconds": -1}, {"seconds": "1"}, {"seconds": True}):
+        with pytest.raises(builtin_tasks.BadPayload):
+            await builtin_tasks.sleep(bad, ctx())
+
+
+async def test_echo_returns_payload() -> None:
+    assert await builtin_tasks.echo({"a": [1]}, ctx()) == {"a": [1]}

@@ -1,0 +1,168 @@
+import random
+from typing import Any
+
+import pytest
+import trio
+
+from taskd.config import Settings
+from taskd.models import TaskStatus, WorkerGauge
+from taskd.registry import Registry, TaskContext
+from taskd.workers import WorkerPool, retry_delay
+
+from .fakes import FakeStore
+
+
+def make_registry(log: list[Any]) -> Registry:
+    registry = Registry()
+
+    @registry.task("ok")
+    async def ok(payload: Any, ctx: TaskContext) -> Any:
+        log.append(("ok", ctx.task_id, ctx.attempt))
+        await trio.sleep(payload.get("seconds", 0))
+        return payload
+
+    @registry.task("flaky")
+    async def flaky(payload: Any, ctx: TaskContext) -> str:
+        if ctx.attempt <= payload["fail_times"]:
+            raise ConnectionError(f"attempt {ctx.attempt} failed")
+        return "finally"
+
+    @registry.task("hang")
+    async def hang(payload: Any, ctx: TaskContext) -> None:
+        await trio.sleep_forever()
+
+    @registry.task("garbage")
+    async def garbage(payload: Any, ctx: TaskContext) -> object:
+        return object()
+
+    @registry.task("sync")
+    def sync(payload: Any, ctx: TaskContext) -> int:
+        return payload["n"] * 2
+
+    return registry
+
+
+async def run_pool(store: FakeStore, registry: Registry, settings: Settings, until: trio.Event) -> WorkerPool:
+    pool = WorkerPool(store, registry, settings, WorkerGauge(settings.worker_pool_size))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        send, receive = pool.open_channel()
+        async with receive:
+            for _ in range(settings.worker_pool_size):
+                nursery.start_soon(pool.work_loop, receive.clone())
+        nursery.start_soon(pool.claim_loop, send)
+        with trio.fail_after(3600):
+            await until.wait()
+        pool.stop_claiming()
+    return pool
+
+
+def test_retry_delay_grows_exponentially_with_jitter_and_a_cap() -> None:
+    rng = random.Random(1)
+    for attempt, ceiling in [(1, 5), (2, 10), (3, 20), (10, 600)]:
+        delays = [retry_delay(attempt, 5, 600, rng) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert max(delays) - min(delays) > ceiling / 4  # jittered, not constant
+
+
+async def test_claimer_never_asks_for_more_than_free_slots(autojump_clock: trio.abc.Clock) -> None:
+    store, log = FakeStore(), []
+    for _ in range(30):
+        store.add("ok", {"seconds": 1})
+    await run_pool(store, make_registry(log), Settings(worker_pool_size=4), store.finished_event)
+    assert store.claim_requests and max(store.claim_requests) <= 4
+    assert len(log) == 30 and len(store.outcomes) == 30
+
+
+async def test_failures_retry_with_backoff_then_complete(autojump_clock: trio.abc.Clock) -> None:
+    store = FakeStore()
+    task_id = store.add("flaky", {"fail_times": 2}, max_retries=3)
+    await run_pool(store, make_registry([]), Settings(worker_pool_size=2, retry_delay=10), store.finished_event)
+    row = store.tasks[task_id]
+    assert (row["status"], row["attempts"], row["result"]) == ("completed", 3, "finally")
+    assert [e["type"] for e in row["errors"]] == ["ConnectionError", "ConnectionError"]
+    assert row["errors"][0]["message"] == "attempt 1 failed" and "Traceback" in row["errors"][0]["traceback"]
+    assert [o.status for o in store.outcomes] == [TaskStatus.RETRYING, TaskStatus.RETRYING, TaskStatus.COMPLETED]
+    assert 5 <= store.outcomes[0].retry_delay <= 10 and 10 <= store.outcomes[1].retry_delay <= 20
+
+
+async def test_retries_run_out_then_fail(autojump_clock: trio.abc.Clock) -> None:
+    store = FakeStore()
+    task_id = store.add("flaky", {"fail_times": 9}, max_retries=1)
+    await run_pool(store, make_registry([]), Settings(worker_pool_size=1, retry_delay=1), store.finished_event)
+    assert (store.tasks[task_id]["status"], store.tasks[task_id]["attempts"]) == ("failed", 2)
+
+
+async def test_timeout_and_garbage_results_fail_the_attempt_not_the_worker(autojump_clock: trio.abc.Clock) -> None:
+    store = FakeStore()
+    hang = store.add("hang", {}, max_retries=0, timeout=5)
+    garbage = store.add("garbage", {}, max_retries=0)
+    good = store.add("ok", {"n": 21}, max_retries=0)
+    await run_pool(store, make_registry([]), Settings(worker_pool_size=1), store.finished_event)
+    assert store.tasks[hang]["status"] == "failed"
+    assert store.tasks[hang]["errors"][0]["type"] == "AttemptTimeout"
+    assert "timeout of 5s" in store.tasks[hang]["errors"][0]["message"]
+    assert store.tasks[garbage]["errors"][0]["type"] == "ResultNotJSON"
+    assert "not JSON-serialisable" in store.tasks[garbage]["errors"][0]["message"]
+    assert (store.tasks[good]["status"], store.tasks[good]["result"]) == ("completed", {"n": 21})
+
+
+async def test_deleting_a_running_task_cancels_only_its_attempt(autojump_clock: trio.abc.Clock) -> None:
+    store = FakeStore()
+    hang = store.add("hang", {}, timeout=1000)
+    pool = WorkerPool(store, make_registry([]), Settings(worker_pool_size=2), WorkerGauge(2))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        send, receive = pool.open_channel()
+        async with receive:
+            for _ in range(2):
+                nursery.start_soon(pool.work_loop, receive.clone())
+        nursery.start_soon(pool.claim_loop, send)
+        await trio.sleep(1)
+        assert pool.gauge.busy == 1
+        store.cancel(hang)
+        await trio.sleep(1)
+        assert pool.gauge.busy == 0 and pool.held() == []
+        ok = store.add("ok", {})
+        await trio.sleep(1)
+        assert store.tasks[ok]["status"] == "completed"
+        pool.stop_claiming()
+    assert store.outcomes[-1].task_id == ok
+
+
+async def test_new_work_wakes_an_idle_claimer_before_the_poll(autojump_clock: trio.abc.Clock) -> None:
+    store = FakeStore()
+    pool = WorkerPool(store, make_registry([]), Settings(worker_pool_size=1), WorkerGauge(1))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        send, receive = pool.open_channel()
+        nursery.start_soon(pool.work_loop, receive)
+        nursery.start_soon(pool.claim_loop, send)
+        await trio.sleep(10)
+        claims_before = len(store.claim_requests)
+        store.add("ok", {})
+        await trio.sleep(0.01)  # far below the 2 s poll
+        assert len(store.claim_requests) > claims_before
+        assert store.outcomes and store.outcomes[0].status == TaskStatus.COMPLETED
+        pool.stop_claiming()
+
+
+async def test_cancelled_work_stays_held_for_release(autojump_clock: trio.abc.Clock) -> None:
+    store = FakeStore()
+    ids = [store.add("hang", {}, timeout=1000) for _ in range(3)]
+    pool = WorkerPool(store, make_registry([]), Settings(worker_pool_size=2), WorkerGauge(2))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        send, receive = pool.open_channel()
+        async with receive:
+            for _ in range(2):
+                nursery.start_soon(pool.work_loop, receive.clone())
+        nursery.start_soon(pool.claim_loop, send)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert sorted(pool.held()) == [(ids[0], 1), (ids[1], 1)]
+    assert store.outcomes == []
+
+
+@pytest.mark.parametrize("size", [1, 3])
+async def test_sync_handlers_run_in_threads(size: int) -> None:
+    store = FakeStore()
+    ids = [store.add("sync", {"n": i}) for i in range(5)]
+    await run_pool(store, make_registry([]), Settings(worker_pool_size=size), store.finished_event)
+    assert [store.tasks[i]["result"] for i in ids] == [0, 2, 4, 6, 8]
