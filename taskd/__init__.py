@@ -4,8 +4,8 @@ Register handlers with `@taskd.task("name")`; enqueue from your own asyncpg
 connection or transaction with `await taskd.enqueue(conn, "name", payload)`.
 """
 
-from taskd.enqueue import enqueue
+from taskd.client import enqueue, enqueue_many, prepare
 from taskd.registry import TaskContext, task
 
-__all__ = ["TaskContext", "enqueue", "task"]
+__all__ = ["TaskContext", "enqueue", "enqueue_many", "prepare", "task"]
 __version__ = "0.1.0"

@@ -115,6 +115,6 @@ WHERE ($1::text IS NULL OR status = $1::text)
 ORDER BY id DESC
 LIMIT $4::int;
 
--- name: task_delete :one
+-- name: task_delete :val
 -- Remove a task; a trigger tells the process running it to cancel it.
 DELETE FROM taskd.tasks WHERE id = $1::bigint RETURNING status;

@@ -1,0 +1,165 @@
+"""Start and stop the servers the bench measures, and the throw-away databases behind them.
+
+A server is `python -m taskd` (or loadtest.bare_app) as a child process on a free port,
+its output in a log file, its resident memory sampled while it runs; SIGTERM stops it,
+as an operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+import psutil
+
+from loadtest.rawhttp import HttpError, get_json_status
+from loadtest.report import REPO, progress
+
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 45.0  # taskd's shutdown grace is 30 s; a clean stop after a drain is much quicker
+RSS_INTERVAL = 0.1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclasses.dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: pathlib.Path
+    rss_peak: int = 0
+    started_at: float = 0.0  # perf_counter when the process was spawned
+
+    @property
+    def rss_peak_mb(self) -> float:
+        return round(self.rss_peak / 2**20, 1)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def sample_rss(self) -> None:
+        """Keep the peak RSS until cancelled; a single process, as taskd serves with no forks."""
+        try:
+            process = psutil.Process(self.proc.pid)
+            while True:
+                self.rss_peak = max(self.rss_peak, process.memory_info().rss)
+                await asyncio.sleep(RSS_INTERVAL)
+        except psutil.Error:
+            return
+
+
+@contextlib.asynccontextmanager
+async def running(name: str, argv: Sequence[str], logs: pathlib.Path, port: int,
+                  env: dict[str, str] | None = None) -> AsyncIterator[Server]:
+    """Run `python <argv>` until the block ends; ready once GET /health answers 200."""
+    log_path = logs / f"{name}-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+    server = Server(name, proc, f"http://127.0.0.1:{port}", log_path, started_at=time.perf_counter())
+    sampler = asyncio.create_task(server.sample_rss())
+    try:
+        await _wait_ready(server)
+        yield server
+    finally:
+        sampler.cancel()
+        await stop(server)
+
+
+async def _wait_ready(server: Server) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}:\n{server.log_tail()}")
+        with contextlib.suppress(HttpError, OSError):
+            status, _ = await get_json_status(server.url, "/health")
+            if status == 200:
+                return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{server.name} not ready after {READY_TIMEOUT:g}s:\n{server.log_tail()}")
+
+
+async def stop(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(server.proc.wait, STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            progress(f"  {server.name} ignored SIGTERM for {STOP_TIMEOUT:g}s; killing it")
+            server.proc.kill()
+            await asyncio.to_thread(server.proc.wait)
+    if server.proc.returncode not in (0, -signal.SIGTERM):
+        progress(f"  {server.name} exited with {server.proc.returncode}; log tail:\n{server.log_tail()}")
+
+
+def taskd(database_url: str, logs: pathlib.Path, *, workers: int = 50,
+          extra: Sequence[str] = ()) -> contextlib.AbstractAsyncContextManager[Server]:
+    port = free_port()
+    argv = ["-m", "taskd", "--port", str(port), "--workers", str(workers), *extra]
+    # WARNING: INFO logs a line per retried task, which would cost the server CPU we are measuring.
+    return running("taskd", argv, logs, port, {"DATABASE_URL": database_url, "LOG_LEVEL": "WARNING"})
+
+
+def bare(logs: pathlib.Path) -> contextlib.AbstractAsyncContextManager[Server]:
+    port = free_port()
+    return running("bare", ["-m", "loadtest.bare_app", "--port", str(port)], logs, port)
+
+
+# -- databases --------------------------------------------------------------------------------------
+
+
+def database_name(url: str) -> str:
+    name = urllib.parse.urlsplit(url).path.lstrip("/")
+    # The name is spliced into DROP/CREATE DATABASE, so only plain identifiers are accepted.
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise ValueError(f"the bench database name must be a plain lower-case identifier, got {name!r}")
+    return name
+
+
+def with_database(url: str, name: str) -> str:
+    return urllib.parse.urlsplit(url)._replace(path=f"/{name}").geturl()
+
+
+async def recreate_database(url: str) -> None:
+    """Drop (disconnecting anyone still in it) and create the database named in url."""
+    name = database_name(url)
+    admin = await asyncpg.connect(with_database(url, "postgres"))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+
+
+async def drop_database(url: str) -> None:
+    admin = await asyncpg.connect(with_database(url, "postgres"))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database_name(url)}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def migrate(database_url: str, logs: pathlib.Path) -> None:
+    """Create taskd's schema the way taskd does it: start it once with no workers, then stop it."""
+    async with taskd(database_url, logs, workers=0):
+        pass

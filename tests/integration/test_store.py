@@ -1,0 +1,276 @@
+"""The Store against real PostgreSQL: every query prepares, the hot paths batch and fence."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+import trio
+import trio_asyncio
+
+from taskd import client, sql
+from taskd.errors import DatabaseUnavailable
+from taskd.migrations import apply_migrations
+from taskd.models import NewTask, Outcome, TaskStatus
+from taskd.store import Store
+from taskd import db
+
+
+def new(task_type: str = "echo", payload: str = "{}", max_retries: int = 3) -> NewTask:
+    return NewTask(task_type, payload, max_retries, 30.0)
+
+
+async def raw(url: str, *statements: str) -> list[list[asyncpg.Record]]:
+    async def run() -> list[list[asyncpg.Record]]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [await conn.fetch(s) for s in statements]
+        finally:
+            await conn.close()
+
+    return await trio_asyncio.aio_as_trio(run)()
+
+
+async def test_every_named_query_prepares(aio_loop: object, database_url: str) -> None:
+    async def prepare_all() -> list[str]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            failed = []
+            for query in sql.queries().values():
+                if query.name == "migration_prepare":
+                    continue  # two statements: run at start-up, not preparable
+                try:
+                    await conn.prepare(query.text)
+                except asyncpg.PostgresError as exc:
+                    failed.append(f"{query.name}: {exc}")
+            return failed
+        finally:
+            await conn.close()
+
+    assert await trio_asyncio.aio_as_trio(prepare_all)() == []
+
+
+async def test_migrations_apply_once_even_when_processes_race(aio_loop: object, empty_database_url: str) -> None:
+    applied: list[list[int]] = []
+
+    async def migrate() -> None:
+        conn = await db.connect(empty_database_url)
+        try:
+            applied.append(await apply_migrations(conn))
+        finally:
+            await conn.close()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(migrate)
+    assert sorted(applied, key=len) == [[], [], [m.version for m in sql.migrations()]]
+    (rows,) = await raw(empty_database_url, "SELECT count(*) AS n FROM taskd.migrations")
+    assert rows[0]["n"] == len(sql.migrations())
+
+
+async def test_ids_start_at_one_and_concurrent_submits_coalesce(store: Store) -> None:
+    ids: dict[int, int] = {}
+
+    async def submit(i: int) -> None:
+        ids[i] = await store.submit(new(payload=f'{{"i": {i}}}'))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(200):
+            nursery.start_soon(submit, i)
+    assert sorted(ids.values()) == list(range(1, 201))
+    assert store.inserts.batches < 50, "200 concurrent submits should share statements"
+    for i in (0, 57, 199):
+        task = await store.get(ids[i])
+        assert task is not None and task.payload == {"i": i}
+
+
+async def test_a_bad_row_fails_only_its_own_request(store: Store) -> None:
+    results: dict[str, object] = {}
+
+    async def submit(name: str, task: NewTask) -> None:
+        try:
+            results[name] = await store.submit(task)
+        except Exception as exc:
+            results[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(submit, "good1", new())
+        nursery.start_soon(submit, "bad", new(max_retries=-5))  # violates the CHECK constraint
+        nursery.start_soon(submit, "good2", new())
+    assert isinstance(results["good1"], int) and isinstance(results["good2"], int)
+    assert isinstance(results["bad"], Exception) and "max_retries" in str(results["bad"])
+    assert (await store.counts())["pending"] == 2
+
+
+async def test_claim_finish_and_the_fence(store: Store) -> None:
+    ids = await store.submit_many([new() for _ in range(5)])
+    claimed = await store.claim(3, ["echo"], 30)
+    assert [t.id for t in claimed] == ids[:3] and all(t.attempt == 1 for t in claimed)
+    assert await store.claim(10, ["other"], 30) == []
+    first, second, third = claimed
+    assert await store.finish(Outcome(first.id, 1, TaskStatus.COMPLETED, result_json='{"r": 1}'))
+    assert not await store.finish(Outcome(second.id, 2, TaskStatus.COMPLETED, result_json="1")), "wrong attempt"
+    assert await store.finish(Outcome(second.id, 1, TaskStatus.RETRYING, error_json='{"type": "E"}', retry_delay=60))
+    assert not await store.finish(Outcome(second.id, 1, TaskStatus.COMPLETED, result_json="1")), "not running"
+    other = Store(store.url, store._pool, process_id="someone-else")
+    try:
+        written = await other._finish_batch([Outcome(third.id, 1, TaskStatus.COMPLETED, result_json="1")])
+    finally:
+        await other._finisher.close()
+    assert written == [False], "another process's lease"
+    done = await store.get(first.id)
+    assert done and done.status == TaskStatus.COMPLETED and done.result == {"r": 1} and done.finished_at
+    retrying = await store.get(second.id)
+    assert retrying and retrying.status == TaskStatus.RETRYING and retrying.errors == [{"type": "E"}]
+    assert retrying.finished_at is None
+    remaining = await store.claim(10, ["echo"], 30)
+    assert [t.id for t in remaining] == ids[3:], "the retry is not due for 60 s"
+
+
+async def test_two_claimers_never_claim_the_same_task(store: Store, database_url: str) -> None:
+    await store.submit_many([new() for _ in range(1000)])
+    stores = [store] + [await Store.open(database_url, pool_size=2, process_id=f"test-{c}") for c in "bc"]
+    seen: list[int] = []
+
+    async def claim_all(s: Store) -> None:
+        while batch := await s.claim(37, ["echo"], 30):
+            seen.extend(t.id for t in batch)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for s in stores:  # one claim loop per process, as in the server
+                nursery.start_soon(claim_all, s)
+    finally:
+        for s in stores[1:]:
+            await s.close()
+    assert len(seen) == 1000 and len(set(seen)) == 1000
+
+
+async def test_release_does_not_count_the_attempt(store: Store) -> None:
+    (task_id,) = await store.submit_many([new()])
+    (claimed,) = await store.claim(1, ["echo"], 30)
+    await store.release([(claimed.id, claimed.attempt)])
+    task = await store.get(task_id)
+    assert task and task.status == TaskStatus.PENDING and task.attempts == 0 and task.started_at is None
+
+
+async def test_expired_leases_are_rescued_and_the_dead_attempt_counts(store: Store) -> None:
+    a, b = await store.submit_many([new(max_retries=1), new(max_retries=0)])
+    await store.claim(2, ["echo"], 0.05)
+    await trio.sleep(0.1)
+    rescued = dict(await store.rescue_expired())
+    assert rescued == {a: TaskStatus.RETRYING, b: TaskStatus.FAILED}
+    task_a = await store.get(a)
+    assert task_a and task_a.attempts == 1 and task_a.errors[0]["type"] == "LeaseExpired"
+    again = await store.claim(5, ["echo"], 30)
+    assert [t.id for t in again] == [a] and again[0].attempt == 2
+
+
+async def test_heartbeat_keeps_leases_alive(store: Store) -> None:
+    (task_id,) = await store.submit_many([new()])
+    await store.claim(1, ["echo"], 0.2)
+    for _ in range(3):
+        await trio.sleep(0.1)
+        await store.heartbeat(0.2, workers=1, busy=1)
+        assert await store.rescue_expired() == []
+    (process,) = await store.live_processes(60)
+    assert process["id"] == "test-a" and process["busy"] == 1
+
+
+async def test_notify_wakes_a_waiting_claimer(store: Store) -> None:
+    store.clear_new_work()
+    woke_at: list[float] = []
+
+    async def waiter() -> None:
+        await store.wait_for_work()
+        woke_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.sleep(0.2)
+        assert woke_at == []
+        sent = trio.current_time()
+        await store.submit(new())
+        with trio.fail_after(2):
+            while not woke_at:
+                await trio.sleep(0.001)
+    assert woke_at[0] - sent < 0.5
+
+
+async def test_deleting_a_running_task_notifies_its_process(store: Store) -> None:
+    cancelled: list[int] = []
+    store.on_cancel(cancelled.append)
+    a, b = await store.submit_many([new(), new()])
+    await store.claim(1, ["echo"], 30)
+    assert await store.delete(b) == TaskStatus.PENDING
+    assert await store.delete(a) == TaskStatus.RUNNING
+    assert await store.delete(a) is None
+    with trio.fail_after(2):
+        while not cancelled:
+            await trio.sleep(0.01)
+    assert cancelled == [a]
+
+
+async def test_wait_finished_returns_when_the_outcome_is_written(store: Store) -> None:
+    (task_id,) = await store.submit_many([new()])
+    (claimed,) = await store.claim(1, ["echo"], 30)
+
+    async def finish_later() -> None:
+        await trio.sleep(0.2)
+        await store.finish(Outcome(task_id, 1, TaskStatus.COMPLETED, result_json="7"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(finish_later)
+        start = trio.current_time()
+        task = await store.wait_finished(task_id, 5)
+    assert task and task.result == 7 and trio.current_time() - start < 1
+    pending = (await store.submit_many([new()]))[0]
+    start = trio.current_time()
+    task = await store.wait_finished(pending, 0.3)
+    assert task and task.status == TaskStatus.PENDING and 0.25 < trio.current_time() - start < 1
+
+
+async def test_list_pages_newest_first(store: Store) -> None:
+    ids = await store.submit_many([new("echo"), new("sleep"), new("echo")])
+    page = await store.list_tasks(status=None, task_type="echo", before_id=None, limit=10)
+    assert [t.id for t in page] == [ids[2], ids[0]]
+    page = await store.list_tasks(status="pending", task_type=None, before_id=ids[2], limit=1)
+    assert [t.id for t in page] == [ids[1]]
+
+
+async def test_stats_queries(store: Store) -> None:
+    ids = await store.submit_many([new() for _ in range(3)])
+    claimed = await store.claim(3, ["echo"], 30)
+    await store.finish(Outcome(claimed[0].id, 1, TaskStatus.COMPLETED, result_json="1"))
+    await store.finish(Outcome(claimed[1].id, 1, TaskStatus.FAILED, error_json='{"type": "E"}'))
+    assert (await store.counts())["running"] == 1
+    assert await store.recent(60) == {"completed": 1, "failed": 1}
+    (by_type,) = await store.by_type()
+    assert (by_type["total"], by_type["completed"], by_type["failed"]) == (3, 1, 1)
+    (timing,) = await store.timings_by_type()
+    assert timing["n"] == 2 and len(timing["run_pct"]) == 3
+    assert sum(r["completed"] + r["failed"] for r in await store.timeline()) == 2
+    assert len(ids) == 3
+
+
+async def test_enqueue_joins_the_callers_transaction(store: Store, database_url: str) -> None:
+    async def in_asyncio() -> list[int]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            tr = conn.transaction()
+            await tr.start()
+            await client.enqueue(conn, "echo", {"rolled": "back"})
+            await tr.rollback()
+            async with conn.transaction():
+                kept = await client.enqueue(conn, "echo", {"kept": True}, max_retries=1)
+            return [kept]
+        finally:
+            await conn.close()
+
+    (kept,) = await trio_asyncio.aio_as_trio(in_asyncio)()
+    tasks = await store.list_tasks(status=None, task_type=None, before_id=None, limit=10)
+    assert [(t.id, t.payload, t.max_retries) for t in tasks] == [(kept, {"kept": True}, 1)]
+
+
+async def test_unreachable_database_is_a_clear_error(aio_loop: object) -> None:
+    with pytest.raises(DatabaseUnavailable):
+        await Store.open("postgresql://postgres@127.0.0.1:1/nowhere", pool_size=2)
