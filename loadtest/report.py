@@ -13,7 +13,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-PACKAGES = ("trio", "trio-asyncio", "asyncpg", "quart", "quart-trio", "hypercorn", "httpx", "pgqueuer", "locust")
+PACKAGES = ("trio", "trio-asyncio", "asyncpg", "quart", "quart-trio", "hypercorn", "httpx", "pgqueuer",
+            "locust")
 
 
 def percentile(values: Sequence[float], pct: float) -> float | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import os
 import pathlib
 import re
@@ -20,6 +21,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import asyncpg
 import psutil
@@ -30,12 +32,19 @@ from loadtest.report import REPO, progress
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 45.0  # taskd's shutdown grace is 30 s; a clean stop after a drain is much quicker
 RSS_INTERVAL = 0.1
+_started = itertools.count(1)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(ports: range | None = None) -> int:
+    """A port nobody listens on: the first free one in `ports`, else one the OS picks."""
+    for port in ports or (0,):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise RuntimeError(f"no free port in {ports}")
 
 
 @dataclasses.dataclass
@@ -57,6 +66,16 @@ class Server:
         except OSError:
             return "(no log)"
 
+    def log_problems(self) -> dict[str, Any] | None:
+        """Warnings, errors and tracebacks the server logged: a count and the first few."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        words = (" WARNING ", " ERROR ", "Traceback")
+        found = [line for line in lines if any(word in line for word in words)]
+        return {"count": len(found), "first": found[:3]} if found else None
+
     async def sample_rss(self) -> None:
         """Keep the peak RSS until cancelled; a single process, as taskd serves with no forks."""
         try:
@@ -72,11 +91,9 @@ class Server:
 async def running(name: str, argv: Sequence[str], logs: pathlib.Path, port: int,
                   env: dict[str, str] | None = None) -> AsyncIterator[Server]:
     """Run `python <argv>` until the block ends; ready once GET /health answers 200."""
-    log_path = logs / f"{name}-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
-    server = Server(name, proc, f"http://127.0.0.1:{port}", log_path, started_at=time.perf_counter())
+    log_path = logs / f"{next(_started):02d}-{name}-{port}.log"
+    server = Server(name, _spawn(argv, log_path, env), f"http://127.0.0.1:{port}", log_path,
+                    started_at=time.perf_counter())
     sampler = asyncio.create_task(server.sample_rss())
     try:
         await _wait_ready(server)
@@ -84,6 +101,13 @@ async def running(name: str, argv: Sequence[str], logs: pathlib.Path, port: int,
     finally:
         sampler.cancel()
         await stop(server)
+
+
+def _spawn(argv: Sequence[str], log_path: pathlib.Path,
+           env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
 
 
 async def _wait_ready(server: Server) -> None:
@@ -112,16 +136,16 @@ async def stop(server: Server) -> None:
         progress(f"  {server.name} exited with {server.proc.returncode}; log tail:\n{server.log_tail()}")
 
 
-def taskd(database_url: str, logs: pathlib.Path, *, workers: int = 50,
-          extra: Sequence[str] = ()) -> contextlib.AbstractAsyncContextManager[Server]:
-    port = free_port()
+def taskd(database_url: str, logs: pathlib.Path, *, workers: int = 50, extra: Sequence[str] = (),
+          ports: range | None = None) -> contextlib.AbstractAsyncContextManager[Server]:
+    port = free_port(ports)
     argv = ["-m", "taskd", "--port", str(port), "--workers", str(workers), *extra]
     # WARNING: INFO logs a line per retried task, which would cost the server CPU we are measuring.
     return running("taskd", argv, logs, port, {"DATABASE_URL": database_url, "LOG_LEVEL": "WARNING"})
 
 
-def bare(logs: pathlib.Path) -> contextlib.AbstractAsyncContextManager[Server]:
-    port = free_port()
+def bare(logs: pathlib.Path, ports: range | None = None) -> contextlib.AbstractAsyncContextManager[Server]:
+    port = free_port(ports)
     return running("bare", ["-m", "loadtest.bare_app", "--port", str(port)], logs, port)
 
 
@@ -159,7 +183,7 @@ async def drop_database(url: str) -> None:
         await admin.close()
 
 
-async def migrate(database_url: str, logs: pathlib.Path) -> None:
+async def migrate(database_url: str, logs: pathlib.Path, ports: range | None = None) -> None:
     """Create taskd's schema the way taskd does it: start it once with no workers, then stop it."""
-    async with taskd(database_url, logs, workers=0):
+    async with taskd(database_url, logs, workers=0, ports=ports):
         pass

@@ -1,0 +1,210 @@
+"""The taskd benchmark: named scenarios, a table for people, JSON for machines.
+
+    python -m loadtest.bench                         # every scenario, servers started here
+    python -m loadtest.bench submit drain -n 5000    # some of them
+    python -m loadtest.bench submit --url http://127.0.0.1:8000 --json
+
+What each scenario measures is in loadtest/scenarios.py. Unless --url is given, the bench
+starts `python -m taskd` itself for every scenario, on a free port, with a freshly created
+database (--database-url, default taskd_bench on the local PostgreSQL, dropped at the end),
+and stops it with SIGTERM. Ratios compare scenarios run in the same invocation only, since
+this machine's speed varies from run to run. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import functools
+import json
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from loadtest import scenarios, servers
+from loadtest.report import git_revision, machine, progress, versions
+from loadtest.scenarios import Bench, Skip
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1/taskd_bench"
+ORDER = ("bare", "submit", "batch", "drain", "latency", "history", "pgqueuer")
+# name of the ratio -> (scenario, figure) over (reference scenario, figure)
+RATIOS = {
+    "drain/pgqueuer": (("drain", "tasks_per_s"), ("pgqueuer", "drain_per_s")),
+    "batch/pgqueuer": (("batch", "submitted_per_s"), ("pgqueuer", "enqueue_per_s")),
+    "submit/bare": (("submit", "req_per_s"), ("bare", "req_per_s")),
+    "e2e/bare": (("submit", "e2e_tasks_per_s"), ("bare", "req_per_s")),
+    "history/drain": (("history", "tasks_per_s"), ("drain", "tasks_per_s")),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.splitlines()[0],
+                                     epilog="scenarios: " + ", ".join(ORDER))
+    add = parser.add_argument
+    add("scenarios", nargs="*", metavar="scenario", help="default: all, in the order above")
+    add("--url", help="measure this running taskd instead of starting one")
+    add("--database-url", help=f"the database created and dropped for each scenario (default "
+        f"{DEFAULT_DATABASE_URL}); with --url, that server's own database, read by the SQL-timed "
+        "scenarios and written by drain")
+    add("-n", type=int, default=20_000, help="tasks per scenario (default 20,000)")
+    add("-c", type=int, default=50, help="client connections (default 50)")
+    add("--rate", default="100,500", help="latency: tasks/s, comma-separated (default 100,500)")
+    add("--duration", type=float, default=10.0, help="latency: seconds per rate (default 10)")
+    add("--history-rows", type=int, default=1_000_000, help="history: finished rows (default 1,000,000)")
+    add("--ports", metavar="LO-HI", help="ports the bench's own servers may use (default: any free one)")
+    add("--json", action="store_true", help="print one JSON object on stdout (the table goes to stderr)")
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.scenarios if s not in ORDER]
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(ORDER)}")
+    if args.n < 1 or args.c < 1:
+        parser.error("-n and -c must be at least 1")
+    try:
+        args.rate = [float(r) for r in args.rate.split(",") if r.strip()]
+    except ValueError:
+        parser.error("--rate takes numbers, e.g. 100,500")
+    if args.ports:
+        lo, _, hi = args.ports.partition("-")
+        if not (lo.isdigit() and hi.isdigit() and 0 < int(lo) <= int(hi) < 65536):
+            parser.error("--ports takes LO-HI, e.g. 18000-18999")
+        args.ports = range(int(lo), int(hi) + 1)
+    return args
+
+
+Run = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def plan(args: argparse.Namespace, bench: Bench) -> list[tuple[str, Run]]:
+    """(result key, scenario call) for every scenario to run, latency once per rate."""
+    chosen = [name for name in ORDER if name in args.scenarios] or list(ORDER)
+    runs: list[tuple[str, Run]] = []
+    for name in chosen:
+        if name == "latency":
+            runs += [(f"latency_{rate:g}", functools.partial(scenarios.latency, bench, rate))
+                     for rate in args.rate]
+        else:
+            runs.append((name, functools.partial(getattr(scenarios, name), bench)))
+    return runs
+
+
+async def run(args: argparse.Namespace, logs: pathlib.Path) -> dict[str, Any]:
+    bench = Bench(n=args.n, c=args.c, duration=args.duration, history_rows=args.history_rows,
+                  database_url=args.database_url or DEFAULT_DATABASE_URL, logs=logs, url=args.url,
+                  live_sql=bool(args.url and args.database_url), ports=args.ports)
+    if args.url is None:
+        servers.database_name(bench.database_url)  # fail now on a name we could not drop
+    results: dict[str, Any] = {}
+    try:
+        for key, start in plan(args, bench):
+            progress(f"[{key}]")
+            began = time.perf_counter()
+            try:
+                results[key] = await start()
+            except Skip as exc:
+                results[key] = {"skipped": str(exc)}
+            except Exception as exc:  # one broken scenario must not lose the others' figures
+                traceback.print_exc(file=sys.stderr)
+                results[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            progress(f"  done in {time.perf_counter() - began:.1f}s")
+    finally:
+        if args.url is None:
+            await servers.drop_database(bench.database_url)
+    return {
+        "scenarios": results,
+        "ratios": ratios(results),
+        "params": {"n": args.n, "c": args.c, "rate": args.rate, "duration_s": args.duration,
+                   "history_rows": args.history_rows, "url": args.url or "started by the bench"},
+        "machine": machine(),
+        "versions": versions(),
+        "git_revision": git_revision(),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for name, ((scenario, figure), (ref, ref_figure)) in RATIOS.items():
+        value = results.get(scenario, {}).get(figure)
+        reference = results.get(ref, {}).get(ref_figure)
+        if value and reference:
+            out[name] = round(value / reference, 3)
+    return out
+
+
+def table_rows(key: str, fig: dict[str, Any]) -> list[tuple[str, str, Any, Any, Any]]:
+    """(scenario, figure, value, p99 ms, p50 ms) rows; p99 first, as we read it first."""
+    def lat(name: str) -> tuple[Any, Any]:
+        d = fig.get(name) or {}
+        return d.get("p99"), d.get("p50")
+
+    if "skipped" in fig or "error" in fig:
+        return [(key, "skipped (see below)" if "skipped" in fig else "ERROR (see below)", None, None, None)]
+    if key == "bare":
+        return [(key, "req/s (HTTP latency)", fig["req_per_s"], *lat("latency_ms"))]
+    if key == "submit":
+        return [(key, "submitted req/s (HTTP latency)", fig["req_per_s"], *lat("latency_ms")),
+                (key, "end-to-end tasks/s", fig["e2e_tasks_per_s"], None, None)]
+    if key == "batch":
+        return [(key, "submitted tasks/s (per request)", fig["submitted_per_s"], *lat("latency_ms")),
+                (key, "completed tasks/s", fig["completed_per_s"], None, None)]
+    if key in ("drain", "history"):
+        what = f"tasks/s ({fig['tasks']:,} tasks, {fig['history_rows']:,} history)"
+        return [(key, what, fig["tasks_per_s"], None, None)]
+    if key.startswith("latency"):
+        rows = [(key, "achieved tasks/s (HTTP submit latency)", fig["achieved_per_s"], *lat("latency_ms"))]
+        if "submit_to_start_ms" in fig:
+            rows += [(key, "submit -> start", None, *lat("submit_to_start_ms")),
+                     (key, "submit -> done", None, *lat("submit_to_done_ms"))]
+        return rows
+    if key == "pgqueuer":
+        return [(key, f"enqueue jobs/s (batches of {fig['enqueue_batch']})", fig["enqueue_per_s"], None, None),
+                (key, f"drain jobs/s (batch size {fig['dequeue_batch']})", fig["drain_per_s"], None, None)]
+    return [(key, "?", None, None, None)]
+
+
+def render(report: dict[str, Any]) -> str:
+    rows = [["scenario", "figure", "value", "p99 ms", "p50 ms", "RSS MB"]]
+    notes = []
+    for key, fig in report["scenarios"].items():
+        rss = fig.get("server_rss_peak_mb")
+        for i, row in enumerate(table_rows(key, fig)):
+            rows.append(["" if v is None else str(v) for v in (*row, rss if i == 0 else None)])
+        if "skipped" in fig or "error" in fig:
+            notes.append(f"{key}: {fig.get('skipped') or fig['error']}")
+        elif fig.get("server_log_problems"):
+            notes.append(f"{key}: the server logged {fig['server_log_problems']['count']} warnings/errors")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines += [f"ratio {name}: {value}" for name, value in report["ratios"].items()]
+    lines += notes
+    m, v = report["machine"], report["versions"]
+    lines.append(f"nproc {m['nproc']}, python {v['python']}, trio {v['trio']}, hypercorn {v['hypercorn']}, "
+                 f"asyncpg {v['asyncpg']}, pgqueuer {v['pgqueuer']}; git {report['git_revision']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logs = pathlib.Path(tempfile.mkdtemp(prefix="taskd-bench-"))
+    report = asyncio.run(run(args, logs))
+    if any("error" in fig or fig.get("server_log_problems") for fig in report["scenarios"].values()):
+        report["server_logs"] = str(logs)  # something to read in them
+    else:
+        shutil.rmtree(logs, ignore_errors=True)
+    if args.json:
+        print(render(report), file=sys.stderr)
+        print(json.dumps(report, indent=2))
+    else:
+        print(render(report))
+
+
+if __name__ == "__main__":
+    main()

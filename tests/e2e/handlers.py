@@ -1,0 +1,27 @@
+"""Task handlers the end-to-end tests load into the server with TASK_MODULES=tests.e2e.handlers."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import trio
+
+import taskd
+
+
+@taskd.task("flaky")
+async def flaky(payload: dict[str, Any], ctx: taskd.TaskContext) -> dict[str, int]:
+    """Fails its first payload.fail_times attempts, then succeeds."""
+    if ctx.attempt <= payload.get("fail_times", 0):
+        raise ConnectionError(f"simulated failure on attempt {ctx.attempt}")
+    return {"succeeded_on_attempt": ctx.attempt}
+
+
+@taskd.task("wait_for_file")
+async def wait_for_file(payload: dict[str, Any], ctx: taskd.TaskContext) -> str:
+    """Runs until the file named in payload.path exists: a task the test decides when to end."""
+    path = pathlib.Path(payload["path"])
+    while not path.exists():
+        await trio.sleep(0.05)
+    return "released"
