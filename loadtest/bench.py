@@ -163,8 +163,9 @@ def table_rows(key: str, fig: dict[str, Any]) -> list[tuple[str, str, Any, Any, 
                      (key, "submit -> done", None, *lat("submit_to_done_ms"))]
         return rows
     if key == "pgqueuer":
-        return [(key, f"enqueue jobs/s (batches of {fig['enqueue_batch']})", fig["enqueue_per_s"], None, None),
-                (key, f"drain jobs/s (batch size {fig['dequeue_batch']})", fig["drain_per_s"], None, None)]
+        enqueue, drain = f"batches of {fig['enqueue_batch']}", f"batch size {fig['dequeue_batch']}"
+        return [(key, f"enqueue jobs/s ({enqueue})", fig["enqueue_per_s"], None, None),
+                (key, f"drain jobs/s ({drain})", fig["drain_per_s"], None, None)]
     return [(key, "?", None, None, None)]
 
 

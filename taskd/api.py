@@ -117,7 +117,8 @@ async def _body() -> bytes:
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise ApiError(415, "unsupported_media_type",
                        f"send JSON with Content-Type: application/json (got {mimetype or 'none'})")
-    return await request.get_data(cache=False)
+    body: bytes = await request.get_data(cache=False, as_text=False)  # type: ignore[assignment]
+    return body
 
 
 def _task_id(task_id: int) -> int:

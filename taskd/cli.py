@@ -114,11 +114,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except* DatabaseError as group:
         problem = f"the database refused to start taskd: {_first(group)}"
     except* OSError as group:
-        exc = _first(group)
-        if getattr(exc, "errno", None) == errno.EADDRINUSE:
+        os_error = _first(group)
+        if getattr(os_error, "errno", None) == errno.EADDRINUSE:
             problem = f"cannot listen on {settings.host}:{settings.port}: the address is in use"
         else:
-            problem = f"{type(exc).__name__}: {exc}"
+            problem = f"{type(os_error).__name__}: {os_error}"
     finally:
         if embedded is not None:
             embedded.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import trio
@@ -21,7 +20,7 @@ async def flaky(payload: dict[str, Any], ctx: taskd.TaskContext) -> dict[str, in
 @taskd.task("wait_for_file")
 async def wait_for_file(payload: dict[str, Any], ctx: taskd.TaskContext) -> str:
     """Runs until the file named in payload.path exists: a task the test decides when to end."""
-    path = pathlib.Path(payload["path"])
-    while not path.exists():
+    path = trio.Path(payload["path"])
+    while not await path.exists():  # noqa: ASYNC110  (another process creates the file)
         await trio.sleep(0.05)
     return "released"

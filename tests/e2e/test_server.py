@@ -40,7 +40,8 @@ def test_submit_run_and_read_results_over_http(start_taskd: Start) -> None:
     task = server.http.get(f"/tasks/{proc}").json()
     assert task["status"] == "completed" and task["attempts"] == 1
     assert task["created_at"] <= task["started_at"] <= task["finished_at"]
-    batch = server.http.post("/tasks/batch", json={"tasks": [{"task_type": "echo", "payload": {"i": i}} for i in range(20)]})
+    tasks = [{"task_type": "echo", "payload": {"i": i}} for i in range(20)]
+    batch = server.http.post("/tasks/batch", json={"tasks": tasks})
     assert batch.status_code == 201 and batch.json()["count"] == 20
     wait_until(lambda: counts(server)["completed"] == 22, what="22 completed")
     listing = server.http.get("/tasks", params={"limit": 5, "task_type": "echo"}).json()

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
+import trio.lowlevel
 
 from taskd import jsontext
 from taskd.models import ClaimedTask, NewTask, Outcome, Task, TaskStatus
@@ -58,7 +59,7 @@ class FakeStore:
 
     async def claim(self, limit: int, task_types: Sequence[str], lease: float) -> list[ClaimedTask]:
         self.claim_requests.append(limit)
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         now = trio.current_time()
         claimed = []
         for row in self.tasks.values():
@@ -78,7 +79,7 @@ class FakeStore:
         return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=max(0.0, min(due) - trio.current_time()))
 
     async def finish(self, outcome: Outcome) -> bool:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         row = self.tasks.get(outcome.task_id)
         if row is None or row["attempts"] != outcome.attempt or row["status"] != "running":
             return False

@@ -86,7 +86,8 @@ async def test_batch_is_all_or_nothing_and_names_the_bad_index(client: Any, stor
     assert store.submitted == []
     await error_of(await post(client, "/tasks/batch", {"tasks": []}), 422)
     await error_of(await post(client, "/tasks/batch", {"tasks": [{"task_type": "echo"}] * 1001}), 413)
-    response = await post(client, "/tasks/batch", {"tasks": [{"task_type": "echo", "payload": {"i": i}} for i in range(3)]})
+    tasks = [{"task_type": "echo", "payload": {"i": i}} for i in range(3)]
+    response = await post(client, "/tasks/batch", {"tasks": tasks})
     assert response.status_code == 201
     assert await response.get_json() == {"ids": [1, 2, 3], "count": 3}
 

@@ -9,7 +9,8 @@ from taskd.errors import ConfigError
 
 def test_defaults_match_the_documented_ones() -> None:
     s = parse_settings({})
-    assert (s.worker_pool_size, s.max_retries, s.retry_delay, s.task_timeout, s.shutdown_grace) == (50, 3, 5.0, 300.0, 30.0)
+    assert (s.worker_pool_size, s.max_retries, s.retry_delay) == (50, 3, 5.0)
+    assert (s.task_timeout, s.shutdown_grace) == (300.0, 30.0)
     assert (s.host, s.port, s.database_url, s.max_body_bytes) == ("127.0.0.1", 8000, None, 1024 * 1024)
     assert s.data_dir == pathlib.Path(".taskd")
 
