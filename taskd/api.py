@@ -168,6 +168,14 @@ def create_app(store: Store, registry: Registry, settings: Settings, gauge: Work
         return registry.new_task(settings, data.task_type, data.payload,
                                  max_retries=data.max_retries, timeout_seconds=data.timeout_seconds)
 
+    @app.before_request
+    async def refuse_oversized_bodies() -> None:
+        # Decided from the header, before any of the body is read.
+        length = request.content_length
+        if length is not None and length > settings.max_body_bytes:
+            raise ApiError(413, "request_entity_too_large",
+                           f"the request body is larger than {settings.max_body_bytes} bytes")
+
     @app.errorhandler(ApiError)
     async def on_api_error(exc: ApiError) -> Response:
         return error_response(exc.status, exc.code, exc.message, exc.details)

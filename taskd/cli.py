@@ -80,9 +80,11 @@ def import_task_modules(settings: Settings, registry: Registry) -> None:
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # trio-asyncio and asyncpg are chatty at DEBUG; keep them at INFO unless asked.
-    for noisy in ("asyncio", "trio_asyncio", "pgserver"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLevelName(level)))
+    # The libraries below narrate routine work (pgserver prints initdb's whole output);
+    # keep them to warnings unless DEBUG was asked for.
+    if level != "DEBUG":
+        for noisy in ("asyncio", "trio_asyncio", "pgserver"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

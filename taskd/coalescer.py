@@ -1,18 +1,22 @@
 """Coalesce many concurrent calls into one batched call. Imports nothing from taskd.
 
 Callers `await submit(item)` and each gets back its own result or its own
-exception; one loop gathers what has arrived (waiting at most `window` seconds
+exception, or `await put(item)` to hand an item over without waiting for it to
+be written (the hot path of a worker); one loop gathers what has arrived (waiting at most `window` seconds
 after the first item, less once `max_items` are in hand) and hands the batch to
 `flush`, which returns one result or exception per item, in order.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 import trio
+
+log = logging.getLogger("taskd.coalescer")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -42,17 +46,38 @@ class Coalescer(Generic[T, R]):
         self.max_items = max_items
         self.window = window
         self.name = name
-        self._send, self._receive = trio.open_memory_channel[tuple[T, _Slot[R]]](max_items)
+        self._send, self._receive = trio.open_memory_channel[tuple[T, _Slot[R] | None]](max_items)
         self.batches = 0
         self.items = 0
+        self._unflushed = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def _enqueue(self, item: T, slot: _Slot[R] | None) -> None:
+        try:
+            try:
+                self._send.send_nowait((item, slot))
+            except trio.WouldBlock:
+                await self._send.send((item, slot))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise CoalescerClosed(f"{self.name} is shut down") from None
+        if self._unflushed == 0:
+            self._idle = trio.Event()
+        self._unflushed += 1
+
+    async def put(self, item: T) -> None:
+        """Queue item for the next batch without waiting for the flush (waits only while the queue is full)."""
+        await self._enqueue(item, None)
+
+    async def wait_idle(self) -> None:
+        """Return once everything queued so far has been flushed."""
+        while self._unflushed:
+            await self._idle.wait()
 
     async def submit(self, item: T) -> R:
         """Queue item for the next batch and wait until that batch is flushed."""
         slot: _Slot[R] = _Slot()
-        try:
-            await self._send.send((item, slot))
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise CoalescerClosed(f"{self.name} is shut down") from None
+        await self._enqueue(item, slot)
         # Once queued, the item is flushed whatever happens to this caller, so
         # wait for the outcome even if cancelled: the caller then learns it.
         with trio.CancelScope(shield=True):
@@ -68,7 +93,7 @@ class Coalescer(Generic[T, R]):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Gather and flush batches until close() and everything queued is flushed."""
         task_status.started()
-        batch: list[tuple[T, _Slot[R]]] = []
+        batch: list[tuple[T, _Slot[R] | None]] = []
         try:
             while True:
                 try:
@@ -91,12 +116,14 @@ class Coalescer(Generic[T, R]):
             # Cancelled before flushing: no caller may wait forever on its slot.
             self._take_ready(batch, limit=None)
             self._receive.close()
+            if batch:
+                log.error("%s stopped with %d items not flushed", self.name, len(batch))
             for _, slot in batch:
-                if not slot.done.is_set():
+                if slot is not None and not slot.done.is_set():
                     slot.error = CoalescerClosed(f"{self.name} stopped before flushing")
                     slot.done.set()
 
-    def _take_ready(self, batch: list[tuple[T, _Slot[R]]], limit: int | None = -1) -> None:
+    def _take_ready(self, batch: list[tuple[T, _Slot[R] | None]], limit: int | None = -1) -> None:
         cap = self.max_items if limit == -1 else math.inf if limit is None else limit
         while len(batch) < cap:
             try:
@@ -104,7 +131,7 @@ class Coalescer(Generic[T, R]):
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
 
-    async def _flush_batch(self, batch: list[tuple[T, _Slot[R]]]) -> None:
+    async def _flush_batch(self, batch: list[tuple[T, _Slot[R] | None]]) -> None:
         items = [item for item, _ in batch]
         try:
             with trio.fail_after(self.flush_timeout):
@@ -115,7 +142,14 @@ class Coalescer(Generic[T, R]):
             results = [exc] * len(items)
         self.batches += 1
         self.items += len(items)
+        self._unflushed -= len(items)
+        if self._unflushed == 0:
+            self._idle.set()
         for (_, slot), result in zip(batch, results, strict=True):
+            if slot is None:
+                if isinstance(result, BaseException):
+                    log.error("%s: an item handed over without waiting failed: %r", self.name, result)
+                continue
             if isinstance(result, BaseException):
                 slot.error = result
             else:

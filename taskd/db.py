@@ -131,10 +131,13 @@ class Pool:
             self._raw.terminate()
 
 
-async def connect(url: str, *, connect_timeout: float = 10.0) -> Connection:
-    """Open one dedicated connection."""
+async def connect(
+    url: str, *, connect_timeout: float = 10.0, server_settings: dict[str, str] | None = None
+) -> Connection:
+    """Open one dedicated connection (with session settings, if given)."""
     with _translated():
-        raw = await trio_asyncio.aio_as_trio(asyncpg.connect)(url, timeout=connect_timeout)
+        raw = await trio_asyncio.aio_as_trio(asyncpg.connect)(
+            url, timeout=connect_timeout, server_settings=server_settings)
     return Connection(raw)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import warnings
 from collections.abc import Callable
 
 from taskd.errors import DatabaseUnavailable
@@ -25,6 +26,9 @@ class EmbeddedDatabase:
 
 def start_embedded(data_dir: pathlib.Path) -> EmbeddedDatabase:
     """Start (or join) the embedded server in data_dir/pgdata; blocking, about a second on first start."""
+    # pgserver asks platformdirs for a runtime folder; without XDG_RUNTIME_DIR (containers,
+    # CI) platformdirs warns and falls back to /tmp, which is fine here.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         import pgserver  # imported here: it is heavy and only this mode needs it
     except ImportError as exc:

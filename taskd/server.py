@@ -65,7 +65,7 @@ def safe_url(url: str) -> str:
     """The database URL without its password, for printing."""
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
-    if at and ":" in userinfo:
+    if at and ":" in userinfo and userinfo.split(":", 1)[1]:
         userinfo = userinfo.split(":", 1)[0] + ":***"
     return f"{scheme}{sep}{userinfo}{at}{host}"
 
@@ -138,13 +138,20 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
                     log.info("HTTP stopped; finishing running tasks (grace %gs)", settings.shutdown_grace)
                     pool.stop_claiming()
                     services.start_soon(shutdown.cancel_after_grace, work.cancel_scope, settings.shutdown_grace)
-                held = pool.held()
-                if held:
-                    log.info("releasing %d unfinished tasks to pending", len(held))
-                    with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+                with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+                    await store.flush_outcomes()
+                    held = pool.held()
+                    if held:
+                        log.info("releasing %d unfinished tasks to pending", len(held))
                         await store.release(held)
                 services.cancel_scope.cancel()
         finally:
             store.inserts.close()
             store.finishes.close()
-    log.info("stopped cleanly")
+    log.info("stopped cleanly; %s", pool_counters(pool, store))
+
+
+def pool_counters(pool: WorkerPool, store: Store) -> str:
+    """Per-stage batching counters: how many rows each round trip carried."""
+    return (f"claimed {pool.claimed} tasks in {pool.claims} statements, inserted {store.inserts.items} in "
+            f"{store.inserts.batches}, wrote {store.finishes.items} outcomes in {store.finishes.batches}")

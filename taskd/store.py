@@ -54,14 +54,15 @@ def new_process_id() -> str:
 class _Dedicated:
     """A connection owned by one loop; after the server goes away, the next call reconnects."""
 
-    def __init__(self, url: str, role: str) -> None:
+    def __init__(self, url: str, role: str, server_settings: dict[str, str] | None = None) -> None:
         self._url = url
         self.role = role
+        self._server_settings = server_settings
         self._conn: db.Connection | None = None
 
     async def get(self) -> db.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await db.connect(self._url)
+            self._conn = await db.connect(self._url, server_settings=self._server_settings)
         return self._conn
 
     async def run(self, query: sql.Query, *args: Any) -> Any:
@@ -105,7 +106,10 @@ class Store:
         self._pool = pool
         self._q = sql.queries()
         self._inserter = _Dedicated(url, "inserter")
-        self._claimer = _Dedicated(url, "claimer")
+        # A claim lost to a database crash leaves its tasks pending (or, if a worker
+        # already ran one, runs it again): at-least-once either way, so claims need
+        # not wait for their commit to reach the disk.
+        self._claimer = _Dedicated(url, "claimer", {"synchronous_commit": "off"})
         self._finisher = _Dedicated(url, "finisher")
         self._listener = _Dedicated(url, "listener")
         self._new_work = trio.Event()
@@ -229,8 +233,16 @@ class Store:
         return await self._claimer.run(self._q["task_next_due"], list(task_types))
 
     async def finish(self, outcome: Outcome) -> bool:
-        """Record an attempt's outcome (batched with others); False if this process no longer held its lease."""
+        """Write an attempt's outcome (batched with others) and wait for it; False if the lease was lost."""
         return await self.finishes.submit(outcome)
+
+    async def record(self, outcome: Outcome) -> None:
+        """Hand an attempt's outcome to the next batch without waiting for it to be written."""
+        await self.finishes.put(outcome)
+
+    async def flush_outcomes(self) -> None:
+        """Wait until every outcome handed over so far is written."""
+        await self.finishes.wait_idle()
 
     async def _finish_batch(self, outcomes: Sequence[Outcome]) -> Sequence[bool]:
         query = self._q["task_finish_many"]
@@ -255,6 +267,10 @@ class Store:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         written = {row["id"] for row in rows}
+        for o in outcomes:
+            if o.task_id not in written:
+                log.warning("task %d attempt %d finished after this process lost its lease (or the task was "
+                            "deleted); outcome discarded", o.task_id, o.attempt)
         self._signal_finished([o.task_id for o in outcomes if o.status != TaskStatus.RETRYING])
         return [o.task_id in written for o in outcomes]
 

@@ -88,10 +88,6 @@ class WorkerPool:
         """The hand-over from claimer to workers; it never holds more than there are slots."""
         return trio.open_memory_channel[ClaimedTask](max(1, self.size))
 
-    @property
-    def free_slots(self) -> int:
-        return self._slots.value
-
     def held(self) -> list[tuple[int, int]]:
         """(task id, attempt) of every task claimed and not yet finished."""
         return list(self._held.items())
@@ -110,25 +106,32 @@ class WorkerPool:
     # -- claiming ---------------------------------------------------------------------------------
 
     async def claim_loop(self, send: trio.MemorySendChannel[ClaimedTask]) -> None:
-        """Claim work for free slots until stop_claiming(); closes `send` so the workers drain and stop."""
+        """Claim work for free slots until stop_claiming(); closes `send` so the workers drain and stop.
+
+        Slots are reserved before the claim is sent and the unused ones returned after,
+        so the process never holds more tasks than it has slots to run them.
+        """
         task_types = self.registry.names()
         async with send:
             with self._claim_scope:
                 while True:
-                    await self._wait_for_free_slot()
-                    wanted = min(self.free_slots, MAX_CLAIM)
+                    await self._slots.acquire()  # at least one free slot
+                    reserved = 1
+                    while reserved < MAX_CLAIM:
+                        try:
+                            self._slots.acquire_nowait()
+                        except trio.WouldBlock:
+                            break
+                        reserved += 1
                     self.store.clear_new_work()
-                    tasks = await self._claim(wanted, task_types)
+                    tasks = await self._claim(reserved, task_types)
+                    for _ in range(reserved - len(tasks)):
+                        self._slots.release()
                     for task in tasks:
-                        self._slots.acquire_nowait()
                         self._held[task.id] = task.attempt
                         send.send_nowait(task)
-                    if len(tasks) < wanted:
+                    if len(tasks) < reserved:
                         await self._wait_for_work(task_types)
-
-    async def _wait_for_free_slot(self) -> None:
-        await self._slots.acquire()
-        self._slots.release()
 
     async def _claim(self, wanted: int, task_types: list[str]) -> list[ClaimedTask]:
         # Shielded: a claim that committed must reach the workers, or its tasks
@@ -176,14 +179,16 @@ class WorkerPool:
         self.gauge.busy += 1
         try:
             outcome = await self._attempt(handler, task)
-            if outcome is None:
-                log.info("task %d (%s) was deleted while running; cancelled", task.id, task.task_type)
-            else:
-                written = await self.store.finish(outcome)
-                self._log_outcome(task, outcome, written)
-            self._forget(task.id)
         finally:
             self.gauge.busy -= 1
+        if outcome is None:
+            log.info("task %d (%s) was deleted while running; cancelled", task.id, task.task_type)
+        else:
+            self._log_outcome(task, outcome)
+            # Handed over, not awaited: the Store writes outcomes in batches, and
+            # shutdown waits for them to be written before releasing what is left.
+            await self.store.record(outcome)
+        self._forget(task.id)
 
     def _forget(self, task_id: int) -> None:
         self._held.pop(task_id, None)
@@ -198,23 +203,24 @@ class WorkerPool:
         error: BaseException | None = None
         result_json: str | None = None
         started = time.perf_counter()
-        with trio.CancelScope() as delete_scope:
-            self._running[task.id] = delete_scope
-            try:
-                with trio.move_on_after(task.timeout_seconds) as timeout_scope:
-                    try:
-                        result = await self._call(handler, task.payload, ctx)
-                        result_json = _encode_result(result)
-                    except Exception as exc:  # the handler's failure is the task's data, not ours
-                        error = exc
-                if timeout_scope.cancelled_caught:
-                    error = AttemptTimeout(
-                        f"attempt {task.attempt} exceeded its timeout of {task.timeout_seconds:g}s "
-                        f"(ran {time.perf_counter() - started:.3f}s)")
-            finally:
-                self._running.pop(task.id, None)
-        if delete_scope.cancelled_caught or task.id in self._deleted:
+        # One scope serves both the timeout (its deadline) and DELETE (cancel()).
+        scope = trio.CancelScope(deadline=trio.current_time() + task.timeout_seconds)
+        self._running[task.id] = scope
+        try:
+            with scope:
+                try:
+                    result = await self._call(handler, task.payload, ctx)
+                    result_json = _encode_result(result)
+                except Exception as exc:  # the handler's failure is the task's data, not ours
+                    error = exc
+        finally:
+            self._running.pop(task.id, None)
+        if task.id in self._deleted:
             return None
+        if scope.cancelled_caught:
+            error = AttemptTimeout(
+                f"attempt {task.attempt} exceeded its timeout of {task.timeout_seconds:g}s "
+                f"(ran {time.perf_counter() - started:.3f}s)")
         if error is None:
             return Outcome(task.id, task.attempt, TaskStatus.COMPLETED, result_json=result_json)
         error_json = jsontext.dumps(describe_error(error, task.attempt))
@@ -231,11 +237,8 @@ class WorkerPool:
         return await trio.to_thread.run_sync(
             functools.partial(handler.fn, payload, ctx), abandon_on_cancel=True, limiter=self._threads)
 
-    def _log_outcome(self, task: ClaimedTask, outcome: Outcome, written: bool) -> None:
-        if not written:
-            log.warning("task %d (%s) attempt %d finished after its lease was lost; outcome discarded",
-                        task.id, task.task_type, task.attempt)
-        elif outcome.status == TaskStatus.COMPLETED:
+    def _log_outcome(self, task: ClaimedTask, outcome: Outcome) -> None:
+        if outcome.status == TaskStatus.COMPLETED:
             log.debug("task %d (%s) completed on attempt %d", task.id, task.task_type, task.attempt)
         elif outcome.status == TaskStatus.RETRYING:
             log.info("task %d (%s) attempt %d failed, retry in %.2fs: %s", task.id, task.task_type,
