@@ -36,7 +36,8 @@ ORDER = ("bare", "submit", "batch", "drain", "latency", "history", "pgqueuer")
 # name of the ratio -> (scenario, figure) over (reference scenario, figure)
 RATIOS = {
     "drain/pgqueuer": (("drain", "tasks_per_s"), ("pgqueuer", "drain_per_s")),
-    "batch/pgqueuer": (("batch", "submitted_per_s"), ("pgqueuer", "enqueue_per_s")),
+    "batch/pgqueuer": (("batch", "completed_per_s"), ("pgqueuer", "drain_per_s")),
+    "batch_submit/pgqueuer_enqueue": (("batch", "submitted_per_s"), ("pgqueuer", "enqueue_per_s")),
     "submit/bare": (("submit", "req_per_s"), ("bare", "req_per_s")),
     "e2e/bare": (("submit", "e2e_tasks_per_s"), ("bare", "req_per_s")),
     "history/drain": (("history", "tasks_per_s"), ("drain", "tasks_per_s")),

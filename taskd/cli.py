@@ -8,14 +8,19 @@ had, 2 for an invalid setting. Errors a user can fix are one line, no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import errno
 import functools
 import importlib
 import logging
 import os
 import pathlib
+import signal
+import socket
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 import trio
@@ -47,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "then .env.",
     )
     for setting in SETTINGS:
-        help_text = f"{setting.help} [{setting.env}]"
+        help_text = argparse.SUPPRESS if setting.internal else f"{setting.help} [{setting.env}]"
         if setting.is_switch:
             parser.add_argument(*setting.flags, dest=setting.env, action="store_const", const="true",
                                 default=None, help=help_text)
@@ -63,7 +68,7 @@ def gather_settings(argv: Sequence[str] | None, environ: dict[str, str], cwd: pa
     dotenv = cwd / ".env"
     if dotenv.is_file():
         raw.update(parse_dotenv(dotenv.read_text(encoding="utf-8")))
-    raw.update({s.env: environ[s.env] for s in SETTINGS if s.env in environ})
+    raw.update({s.env: environ[s.env] for s in SETTINGS if s.env in environ and not s.internal})
     raw.update({name: value for name, value in vars(args).items() if value is not None})
     return parse_settings(raw)
 
@@ -110,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             url = embedded.url
             print(f"taskd: embedded PostgreSQL in {embedded.pgdata} at {url}", flush=True)
             banner = " (embedded)"
-        trio.run(functools.partial(server.serve, settings, default_registry, url, banner=banner))
+        with http_siblings(settings, url, list(sys.argv[1:] if argv is None else argv)) as settings:
+            trio.run(functools.partial(server.serve, settings, default_registry, url, banner=banner))
     except* DatabaseUnavailable as group:
         problem = f"cannot reach the database: {_first(group)}"
     except* DatabaseError as group:
@@ -127,6 +133,39 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if problem is not None:
         fail(1, problem)
     raise SystemExit(0)
+
+
+@contextlib.contextmanager
+def http_siblings(settings: Settings, url: str, argv: list[str]) -> Iterator[Settings]:
+    """With --http-workers N > 1: open the listening socket here and start N-1 more
+    processes serving HTTP on it (no task workers of their own); the kernel spreads
+    connections between them. They are stopped when this process stops."""
+    if settings.http_workers <= 1 or settings.listen_fd is not None:
+        yield settings
+        return
+    listener = socket.create_server((settings.host, settings.port), backlog=1024,
+                                    family=socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    fd = listener.fileno()
+    os.set_inheritable(fd, True)
+    env = {**os.environ, "DATABASE_URL": url}
+    children = [
+        subprocess.Popen([sys.executable, "-m", "taskd", *argv, "--workers", "0", "--http-workers", "1",
+                          "--listen-fd", str(fd)], pass_fds=[fd], env=env)
+        for _ in range(settings.http_workers - 1)
+    ]
+    try:
+        yield dataclasses.replace(settings, listen_fd=fd)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(settings.shutdown_grace + 15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        with contextlib.suppress(OSError):  # hypercorn may have closed the descriptor already
+            listener.close()
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -35,6 +35,8 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     db_pool_size: int = 10
     wait_for_db: bool = False
+    http_workers: int = 1
+    listen_fd: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,6 +48,7 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     is_switch: bool = False
+    internal: bool = False  # set by taskd for its own child processes; not documented to users
 
     @property
     def field(self) -> str:
@@ -154,6 +157,10 @@ SETTINGS: tuple[Setting, ...] = (
             "connections for HTTP reads and housekeeping, besides the dedicated ones (default 10)"),
     Setting("WAIT_FOR_DB", ("--wait-for-db",), _bool,
             "keep retrying an unreachable database at start-up instead of exiting", is_switch=True),
+    Setting("HTTP_WORKERS", ("--http-workers",), _int(1, 64),
+            "processes serving HTTP on the same port (default 1); the extra ones run no task workers"),
+    Setting("LISTEN_FD", ("--listen-fd",), _int(0, 65535),
+            "serve HTTP on this inherited listening socket (set by --http-workers)", internal=True),
 )
 
 

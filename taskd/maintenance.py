@@ -1,5 +1,6 @@
-"""Periodic housekeeping: heartbeats that renew this process's leases, and the
-rescue of tasks whose process died (their lease ran out).
+"""Periodic housekeeping: heartbeats that renew this process's leases, the rescue
+of tasks whose process died (their lease ran out), and fresh planner statistics
+after a burst.
 
 The server starts these loops; this module opens no nursery.
 Imports taskd.store, taskd.config, taskd.models, taskd.errors.
@@ -50,3 +51,20 @@ async def rescue_loop(store: Store, settings: Settings) -> None:
         except DatabaseError as exc:
             log.warning("rescuing expired leases failed: %s", exc)
         await trio.sleep(rescue_interval(settings.lease_seconds))
+
+
+STATISTICS_INTERVAL = 1.0
+
+
+async def statistics_loop(store: Store) -> None:
+    """Keep the task table's statistics fresh: with stale ones (a new database, a
+    burst of work) the planner picks plans ten times slower for the outcome writes
+    (measured: 10-24 ms instead of 2 ms per batch of 400), and autovacuum looks only
+    once a minute."""
+    while True:
+        try:
+            if await store.refresh_statistics():
+                log.debug("analyzed taskd.tasks")
+        except DatabaseError as exc:
+            log.warning("refreshing statistics failed: %s", exc)
+        await trio.sleep(STATISTICS_INTERVAL)

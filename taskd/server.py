@@ -70,6 +70,10 @@ def safe_url(url: str) -> str:
     return f"{scheme}{sep}{userinfo}{at}{host}"
 
 
+def _sibling_note(settings: Settings) -> str:
+    return f"  http processes {settings.http_workers}" if settings.http_workers > 1 else ""
+
+
 def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -107,7 +111,8 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
     app = create_app(store, registry, settings, gauge)
     shutdown = Shutdown()
     config = HypercornConfig()
-    config.bind = [_bind(settings.host, settings.port)]
+    config.bind = [f"fd://{settings.listen_fd}" if settings.listen_fd is not None
+                   else _bind(settings.host, settings.port)]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = min(settings.shutdown_grace, 10.0)
@@ -120,6 +125,7 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
                 services.start_soon(shutdown.watch_signals)
                 services.start_soon(maintenance.heartbeat_loop, store, settings, gauge)
                 services.start_soon(maintenance.rescue_loop, store, settings)
+                services.start_soon(maintenance.statistics_loop, store)
                 async with trio.open_nursery() as work:
                     send, receive = pool.open_channel()
                     async with receive:
@@ -132,9 +138,12 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
                     async with trio.open_nursery() as http:
                         binds: Any = await http.start(functools.partial(
                             hypercorn.trio.serve, app, config, shutdown_trigger=shutdown.requested.wait))
-                        api = str(binds[0]) if binds else f"http://{config.bind[0]}"
+                        api = f"http://{_bind(settings.host, settings.port)}"
+                        if settings.listen_fd is None and binds:
+                            api = str(binds[0])
                         print(f"taskd: API {api}  docs {api}/docs  database {safe_url(url)}  "
-                              f"workers {settings.worker_pool_size}{banner}", flush=True)
+                              f"workers {settings.worker_pool_size}{banner}"
+                              f"{_sibling_note(settings)}", flush=True)
                     log.info("HTTP stopped; finishing running tasks (grace %gs)", settings.shutdown_grace)
                     pool.stop_claiming()
                     services.start_soon(shutdown.cancel_after_grace, work.cancel_scope, settings.shutdown_grace)

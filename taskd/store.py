@@ -37,11 +37,25 @@ FINISH_WINDOW = 0.002
 TIMINGS_WINDOW_SECONDS = 3600.0
 TIMELINE_SECONDS = 900.0
 
+# The claimer's session. A claim lost to a database crash leaves its tasks pending
+# (or runs one again): at-least-once either way, so claims need not wait for their
+# commit to reach the disk. And the claim must walk the runnable index in claim
+# order whatever the statistics say: on a table not yet analyzed (a new database,
+# a sudden burst) the planner otherwise sorts every runnable row on each claim
+# (measured: 16 ms instead of 1.7 ms per claim of 50 with 20,000 waiting).
+CLAIMER_SETTINGS = {
+    "synchronous_commit": "off",
+    "enable_sort": "off",
+    "enable_bitmapscan": "off",
+    "enable_seqscan": "off",
+}
+
 QUERIES_USED = frozenset({
     "task_insert_many", "task_claim_many", "task_next_due", "task_finish_many", "task_release_many",
     "task_extend_leases", "task_rescue_expired", "task_get", "task_list", "task_delete",
     "process_heartbeat", "process_remove", "process_list_live", "process_prune",
     "stats_counts", "stats_recent", "stats_by_type", "stats_timings_by_type", "stats_timeline", "db_ping",
+    "tasks_need_analyze", "tasks_analyze",
     "migration_lock", "migration_unlock", "migration_prepare", "migration_applied", "migration_record",
 })
 
@@ -106,10 +120,7 @@ class Store:
         self._pool = pool
         self._q = sql.queries()
         self._inserter = _Dedicated(url, "inserter")
-        # A claim lost to a database crash leaves its tasks pending (or, if a worker
-        # already ran one, runs it again): at-least-once either way, so claims need
-        # not wait for their commit to reach the disk.
-        self._claimer = _Dedicated(url, "claimer", {"synchronous_commit": "off"})
+        self._claimer = _Dedicated(url, "claimer", CLAIMER_SETTINGS)
         self._finisher = _Dedicated(url, "finisher")
         self._listener = _Dedicated(url, "listener")
         self._new_work = trio.Event()
@@ -299,6 +310,13 @@ class Store:
             self._new_work.set()
         return [(row["id"], TaskStatus(row["status"])) for row in rows]
 
+    async def refresh_statistics(self) -> bool:
+        """ANALYZE the task table if it changed a lot since its statistics were taken; True if it did."""
+        if not await self._pool.run(self._q["tasks_need_analyze"]):
+            return False
+        await self._pool.run(self._q["tasks_analyze"])
+        return True
+
     async def prune_processes(self, older_than: float) -> None:
         await self._pool.run(self._q["process_prune"], older_than)
 
@@ -329,18 +347,23 @@ class Store:
     async def wait_finished(self, task_id: int, seconds: float) -> Task | None:
         """The task once it is completed or failed, or as it is after `seconds`."""
         deadline = trio.current_time() + seconds
-        while True:
-            # Register before reading, so a finish between the read and the wait is not missed;
-            # the short poll covers tasks finished by other processes.
-            event = self._finish_events.setdefault(task_id, trio.Event())
-            task = await self.get(task_id)
-            remaining = deadline - trio.current_time()
-            if task is None or task.finished or remaining <= 0:
-                if task is None or task.finished:
-                    self._finish_events.pop(task_id, None)
-                return task
-            with trio.move_on_after(min(remaining, 0.25)):
-                await event.wait()
+        # Registered before reading, so a finish between the read and the wait is not
+        # missed; the short poll covers tasks finished by other processes.
+        event = self._finish_events.setdefault(task_id, trio.Event())
+        try:
+            while True:
+                task = await self.get(task_id)
+                remaining = deadline - trio.current_time()
+                if task is None or task.finished or remaining <= 0:
+                    return task
+                with trio.move_on_after(min(remaining, 0.25)):
+                    await event.wait()
+                if event.is_set():
+                    event = self._finish_events.setdefault(task_id, trio.Event())
+        finally:
+            # Drop the registration unless another waiter still shares it.
+            if self._finish_events.get(task_id) is event and not event.statistics().tasks_waiting:
+                del self._finish_events[task_id]
 
     async def ping(self) -> bool:
         try:

@@ -38,8 +38,8 @@ CREATE TABLE taskd.tasks (
 CREATE INDEX tasks_runnable_idx ON taskd.tasks (priority DESC, run_at, id)
     WHERE status IN ('pending', 'retrying');
 
--- What lease rescue and heartbeats read: running rows only.
-CREATE INDEX tasks_running_idx ON taskd.tasks (locked_by, locked_until)
+-- What lease rescue reads: running rows by expiry (heartbeats scan this small set too).
+CREATE INDEX tasks_running_idx ON taskd.tasks (locked_until)
     WHERE status = 'running';
 
 -- Listing filters (keyset pagination is newest first, by id).

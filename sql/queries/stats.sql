@@ -56,3 +56,13 @@ ORDER BY 1;
 -- name: db_ping :val
 -- Is the database answering?
 SELECT 1;
+
+-- name: tasks_need_analyze :val
+-- Has the task table changed so much since its statistics were taken that plans may
+-- go wrong (a new database, a burst)? Autovacuum would notice only at its next nap.
+SELECT coalesce(n_mod_since_analyze > 1000 + 0.2 * n_live_tup, false)
+FROM pg_stat_user_tables WHERE relid = 'taskd.tasks'::regclass;
+
+-- name: tasks_analyze :exec
+-- Refresh the task table's planner statistics.
+ANALYZE taskd.tasks;

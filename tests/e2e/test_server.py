@@ -246,3 +246,32 @@ def test_wait_for_db_keeps_trying_until_the_database_appears(start_taskd: Start,
         assert server.wait_exit(30) == 0
     finally:
         _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_http_workers_share_the_port_and_stop_together(start_taskd: Start) -> None:
+    server = start_taskd("--http-workers", "3")
+    wait_until(lambda: len(server.http.get("/stats/detailed").json()["processes"]) == 3, what="3 processes")
+    clients = [httpx.Client(base_url=server.url) for _ in range(6)]  # separate connections
+    try:
+        ids = [c.post("/tasks", json={"task_type": "echo", "payload": {"i": i}}).json()["id"]
+               for i in range(10) for c in clients]
+    finally:
+        for c in clients:
+            c.close()
+    assert len(set(ids)) == 60
+    wait_until(lambda: counts(server)["completed"] == 60, what="60 completed")
+    processes = server.http.get("/stats/detailed").json()["processes"]
+    assert sorted(p["workers"] for p in processes) == [0, 0, 50], "only the first process runs tasks"
+    children = [int(p["pid"]) for p in processes if p["workers"] == 0]
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(60) == 0
+    for pid in children:
+        wait_until(lambda pid=pid: not _alive(pid), timeout=10, what=f"child {pid} gone")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

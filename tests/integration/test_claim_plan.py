@@ -51,3 +51,37 @@ async def test_claim_uses_the_runnable_index_with_a_million_finished_rows(aio_lo
     # The scan of runnable rows touched only those rows, none of the million finished ones.
     runnable = next(n for n in nodes if n.get("Index Name") == "tasks_runnable_idx")
     assert runnable["Actual Rows"] <= 100
+
+
+async def test_claim_walks_the_index_even_before_the_table_is_analyzed(aio_loop: object, database_url: str) -> None:
+    """A new database with a burst of work and no statistics yet: without the claimer's
+    session settings the planner sorts all 20,000 waiting rows on every claim."""
+    from taskd.store import CLAIMER_SETTINGS
+
+    claim = sql.queries()["task_claim_many"].text
+
+    async def explain() -> Any:
+        setup = await asyncpg.connect(database_url)
+        try:
+            await setup.execute("INSERT INTO taskd.tasks (task_type, max_retries, timeout_seconds) "
+                                "SELECT 'echo', 3, 30 FROM generate_series(1, 20000)")
+        finally:
+            await setup.close()
+        conn = await asyncpg.connect(database_url, server_settings=CLAIMER_SETTINGS)
+        try:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                return json.loads(await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + claim,
+                                                      "plan-test", 50, ["echo", "sleep"], 30.0))
+            finally:
+                await transaction.rollback()
+        finally:
+            await conn.close()
+
+    (top,) = await trio_asyncio.aio_as_trio(explain)()
+    nodes = _nodes(top["Plan"])
+    kinds = {n["Node Type"] for n in nodes}
+    assert "Sort" not in kinds and "Bitmap Heap Scan" not in kinds, kinds
+    runnable = next(n for n in nodes if n.get("Index Name") == "tasks_runnable_idx")
+    assert runnable["Node Type"] == "Index Scan" and runnable["Actual Rows"] <= 100
