@@ -50,6 +50,7 @@ class Coalescer(Generic[T, R]):
         self.batches = 0
         self.items = 0
         self._unflushed = 0
+        self._last_size = 0
         self._idle = trio.Event()
         self._idle.set()
 
@@ -101,7 +102,9 @@ class Coalescer(Generic[T, R]):
                 except trio.EndOfChannel:
                     return
                 self._take_ready(batch)
-                if len(batch) < self.max_items and self.window > 0:
+                # Wait for company only under load (the last batch was shared): a
+                # lone item at a quiet time goes at once, with no added latency.
+                if len(batch) < self.max_items and self.window > 0 and (len(batch) > 1 or self._last_size > 1):
                     with trio.move_on_after(self.window):
                         while len(batch) < self.max_items:
                             try:
@@ -111,6 +114,7 @@ class Coalescer(Generic[T, R]):
                             self._take_ready(batch)
                 with trio.CancelScope(shield=True):
                     await self._flush_batch(batch)
+                self._last_size = len(batch)
                 batch = []
         finally:
             # Cancelled before flushing: no caller may wait forever on its slot.
