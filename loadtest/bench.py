@@ -32,7 +32,8 @@ from loadtest.report import git_revision, machine, progress, versions
 from loadtest.scenarios import Bench, Skip
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1/taskd_bench"
-ORDER = ("bare", "submit", "batch", "drain", "latency", "history", "pgqueuer")
+ORDER = ("bare", "submit", "batch", "drain", "latency", "history", "pgqueuer", "memory")
+DEFAULT = ("bare", "submit", "batch", "drain", "latency", "history", "pgqueuer")  # memory takes minutes
 # name of the ratio -> (scenario, figure) over (reference scenario, figure)
 RATIOS = {
     "drain/pgqueuer": (("drain", "tasks_per_s"), ("pgqueuer", "drain_per_s")),
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--rate", default="100,500", help="latency: tasks/s, comma-separated (default 100,500)")
     add("--duration", type=float, default=10.0, help="latency: seconds per rate (default 10)")
     add("--history-rows", type=int, default=1_000_000, help="history: finished rows (default 1,000,000)")
+    add("--http-workers", default="1", help="submit: HTTP processes, comma-separated (default 1), e.g. 1,2")
+    add("--memory-tasks", type=int, default=1_000_000, help="memory: tasks (default 1,000,000)")
     add("--ports", metavar="LO-HI", help="ports the bench's own servers may use (default: any free one)")
     add("--json", action="store_true", help="print one JSON object on stdout (the table goes to stderr)")
     args = parser.parse_args(argv)
@@ -70,6 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rate = [float(r) for r in args.rate.split(",") if r.strip()]
     except ValueError:
         parser.error("--rate takes numbers, e.g. 100,500")
+    try:
+        args.http_workers = [int(w) for w in args.http_workers.split(",") if w.strip()]
+    except ValueError:
+        parser.error("--http-workers takes whole numbers, e.g. 1,2")
     if args.ports:
         lo, _, hi = args.ports.partition("-")
         if not (lo.isdigit() and hi.isdigit() and 0 < int(lo) <= int(hi) < 65536):
@@ -83,12 +90,15 @@ Run = Callable[[], Awaitable[dict[str, Any]]]
 
 def plan(args: argparse.Namespace, bench: Bench) -> list[tuple[str, Run]]:
     """(result key, scenario call) for every scenario to run, latency once per rate."""
-    chosen = [name for name in ORDER if name in args.scenarios] or list(ORDER)
+    chosen = [name for name in ORDER if name in args.scenarios] or list(DEFAULT)
     runs: list[tuple[str, Run]] = []
     for name in chosen:
         if name == "latency":
             runs += [(f"latency_{rate:g}", functools.partial(scenarios.latency, bench, rate))
                      for rate in args.rate]
+        elif name == "submit":
+            runs += [("submit" if w == 1 else f"submit_hw{w}", functools.partial(scenarios.submit, bench, w))
+                     for w in args.http_workers]
         else:
             runs.append((name, functools.partial(getattr(scenarios, name), bench)))
     return runs
@@ -97,7 +107,8 @@ def plan(args: argparse.Namespace, bench: Bench) -> list[tuple[str, Run]]:
 async def run(args: argparse.Namespace, logs: pathlib.Path) -> dict[str, Any]:
     bench = Bench(n=args.n, c=args.c, duration=args.duration, history_rows=args.history_rows,
                   database_url=args.database_url or DEFAULT_DATABASE_URL, logs=logs, url=args.url,
-                  live_sql=bool(args.url and args.database_url), ports=args.ports)
+                  live_sql=bool(args.url and args.database_url), ports=args.ports,
+                  memory_tasks=args.memory_tasks)
     if args.url is None:
         servers.database_name(bench.database_url)  # fail now on a name we could not drop
     results: dict[str, Any] = {}
@@ -148,8 +159,9 @@ def table_rows(key: str, fig: dict[str, Any]) -> list[tuple[str, str, Any, Any, 
         return [(key, "skipped (see below)" if "skipped" in fig else "ERROR (see below)", None, None, None)]
     if key == "bare":
         return [(key, "req/s (HTTP latency)", fig["req_per_s"], *lat("latency_ms"))]
-    if key == "submit":
-        return [(key, "submitted req/s (HTTP latency)", fig["req_per_s"], *lat("latency_ms")),
+    if key.startswith("submit"):
+        return [(key, f"submitted req/s, {fig.get('http_workers', 1)} HTTP process(es)", fig["req_per_s"],
+                 *lat("latency_ms")),
                 (key, "end-to-end tasks/s", fig["e2e_tasks_per_s"], None, None)]
     if key == "batch":
         return [(key, "submitted tasks/s (per request)", fig["submitted_per_s"], *lat("latency_ms")),
@@ -167,6 +179,10 @@ def table_rows(key: str, fig: dict[str, Any]) -> list[tuple[str, str, Any, Any, 
         enqueue, drain = f"batches of {fig['enqueue_batch']}", f"batch size {fig['dequeue_batch']}"
         return [(key, f"enqueue jobs/s ({enqueue})", fig["enqueue_per_s"], None, None),
                 (key, f"drain jobs/s ({drain})", fig["drain_per_s"], None, None)]
+    if key == "memory":
+        return [(key, f"tasks/s ({fig['tasks']:,} tasks in batches)", fig["tasks_per_s"], None, None),
+                (key, "RSS MB at 100,000 / peak after / end",
+                 f"{fig['rss_at_100k_mb']} / {fig['rss_peak_after_100k_mb']} / {fig['rss_end_mb']}", None, None)]
     return [(key, "?", None, None, None)]
 
 

@@ -10,6 +10,9 @@
               must not slow down with history)
     pgqueuer  reference: PgQueuer enqueueing N jobs in batches of 500, then draining them with
               batch size 50, in this process
+    memory    1,000,000 tasks (--memory-tasks) through one server in batches of 1,000: its RSS
+              once 100,000 have completed, its peak after that, and at the end (flat = no leak)
+    submit with --http-workers 1,2,...: the submit scenario once per process count
 
 Against a server the bench starts, every scenario gets a freshly created database. Only
 `pgqueuer` imports anything beyond the client and asyncpg.
@@ -58,6 +61,7 @@ class Bench:
     url: str | None = None  # a running server to measure instead of starting our own
     live_sql: bool = False  # database_url is that running server's database
     ports: range | None = None  # where our servers may listen (None: any free port)
+    memory_tasks: int = 1_000_000
 
     @property
     def sql(self) -> bool:
@@ -66,13 +70,13 @@ class Bench:
 
 
 @contextlib.asynccontextmanager
-async def taskd_under_test(bench: Bench, figures: dict[str, Any]) -> AsyncIterator[str]:
+async def taskd_under_test(bench: Bench, figures: dict[str, Any], extra: Sequence[str] = ()) -> AsyncIterator[str]:
     """The URL of the server to measure: the --url one, or our own on a fresh database."""
     if bench.url is not None:
         yield bench.url
         return
     await servers.recreate_database(bench.database_url)
-    async with servers.taskd(bench.database_url, bench.logs, ports=bench.ports) as server:
+    async with servers.taskd(bench.database_url, bench.logs, ports=bench.ports, extra=extra) as server:
         yield server.url
     figures["server_rss_peak_mb"] = server.rss_peak_mb
     figures["server_log_problems"] = server.log_problems()
@@ -179,9 +183,10 @@ async def bare(bench: Bench) -> dict[str, Any]:
     return figures
 
 
-async def submit(bench: Bench) -> dict[str, Any]:
-    figures: dict[str, Any] = {}
-    async with taskd_under_test(bench, figures) as url, Finished(bench, url) as finished:
+async def submit(bench: Bench, http_workers: int = 1) -> dict[str, Any]:
+    figures: dict[str, Any] = {"http_workers": http_workers}
+    extra = ("--http-workers", str(http_workers)) if http_workers > 1 else ()
+    async with taskd_under_test(bench, figures, extra) as url, Finished(bench, url) as finished:
         warmup = await rawhttp.closed_loop(url, WARMUP, bench.c, _echo)
         await finished.wait(_ids(warmup), "warm-up")
         finished.baseline += len(_ids(warmup))  # for /stats counting against a --url server
@@ -348,3 +353,51 @@ async def pgqueuer(bench: Bench) -> dict[str, Any]:
                    drain_elapsed_s=rounded(drain_elapsed, 3),
                    processed=seen["count"], note="in the bench's process, plain asyncio loop")
     return figures
+
+
+MEMORY_BATCH = 1000
+
+
+async def memory(bench: Bench) -> dict[str, Any]:
+    if bench.url is not None:
+        raise Skip("needs a server the bench starts itself (it reads that process's memory)")
+    total = bench.memory_tasks
+    figures: dict[str, Any] = {"tasks": total}
+    await servers.recreate_database(bench.database_url)
+    async with servers.taskd(bench.database_url, bench.logs, ports=bench.ports) as server:
+        conn = await asyncpg.connect(bench.database_url)
+        try:
+            def make(i: int) -> rawhttp.Request:
+                size = min(MEMORY_BATCH, total - i * MEMORY_BATCH)
+                return "POST", "/tasks/batch", b'{"tasks":[' + b",".join([ECHO] * size) + b"]}"
+
+            # Submitting runs beside a watcher that notes the RSS once 100,000 have completed.
+            samples: dict[str, int] = {}
+            start = time.perf_counter()
+            submitter = asyncio.create_task(
+                rawhttp.closed_loop(server.url, math.ceil(total / MEMORY_BATCH), 2, make))
+            last_report = 0.0
+            while True:
+                done = int(await conn.fetchval(DONE_SQL))
+                if done >= min(100_000, total) and "rss_at_100k" not in samples:
+                    samples["rss_at_100k"] = server.rss_now
+                    server.rss_peak = server.rss_now  # the peak from here on
+                if done >= total:
+                    break
+                if time.perf_counter() - last_report > 5:
+                    progress(f"  {done:,} of {total:,} completed, RSS {server.rss_now / 2**20:.0f} MB")
+                    last_report = time.perf_counter()
+                await asyncio.sleep(0.5)
+            result = await submitter
+            elapsed = time.perf_counter() - start
+            samples["rss_end"] = server.rss_now
+        finally:
+            await conn.close()
+    mb = {key: round(value / 2**20, 1) for key, value in samples.items()}
+    figures.update(elapsed_s=rounded(elapsed, 1), tasks_per_s=rounded(total / elapsed),
+                   rss_at_100k_mb=mb.get("rss_at_100k"), rss_peak_after_100k_mb=server.rss_peak_mb,
+                   rss_end_mb=mb.get("rss_end"), submit_errors=result.errors[:3])
+    return figures
+
+
+DONE_SQL = "SELECT count(*) FROM taskd.tasks WHERE status = 'completed'"

@@ -55,6 +55,7 @@ class Server:
     log_path: pathlib.Path
     rss_peak: int = 0
     started_at: float = 0.0  # perf_counter when the process was spawned
+    rss_now: int = 0
 
     @property
     def rss_peak_mb(self) -> float:
@@ -81,7 +82,8 @@ class Server:
         try:
             process = psutil.Process(self.proc.pid)
             while True:
-                self.rss_peak = max(self.rss_peak, process.memory_info().rss)
+                self.rss_now = process.memory_info().rss
+                self.rss_peak = max(self.rss_peak, self.rss_now)
                 await asyncio.sleep(RSS_INTERVAL)
         except psutil.Error:
             return

@@ -110,3 +110,26 @@ async def test_items_queued_when_the_loop_is_cancelled_fail_instead_of_hanging()
             await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
     assert sorted(outcomes) == ["CoalescerClosed", "TooSlowError"]
+
+
+async def test_a_lone_item_at_a_quiet_time_does_not_wait_for_the_window(autojump_clock: trio.abc.Clock) -> None:
+    sizes: list[int] = []
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        sizes.append(len(items))
+        return list(items)
+
+    coalescer: Coalescer[int, int] = Coalescer(flush, max_items=100, window=10.0, name="t")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(coalescer.run)
+        start = trio.current_time()
+        await coalescer.submit(1)
+        assert trio.current_time() - start < 1, "quiet: flushed at once"
+        async with trio.open_nursery() as clients:  # a burst: shared batches, so the window applies
+            for i in range(3):
+                clients.start_soon(coalescer.submit, i)
+        start = trio.current_time()
+        await coalescer.submit(9)
+        assert trio.current_time() - start >= 10, "busy: waited for company"
+        coalescer.close()
+    assert sizes[0] == 1 and sizes[1] == 3
