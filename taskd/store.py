@@ -50,6 +50,16 @@ CLAIMER_SETTINGS = {
     "enable_seqscan": "off",
 }
 
+# The outcome writer's session: look each outcome's row up by primary key, never
+# join a batch against a scan, whatever the statistics say (they lag behind a
+# queue whose rows all change status within seconds).
+FINISHER_SETTINGS = {
+    "enable_seqscan": "off",
+    "enable_bitmapscan": "off",
+    "enable_hashjoin": "off",
+    "enable_mergejoin": "off",
+}
+
 QUERIES_USED = frozenset({
     "task_insert_many", "task_claim_many", "task_next_due", "task_finish_many", "task_release_many",
     "task_extend_leases", "task_rescue_expired", "task_get", "task_list", "task_delete",
@@ -121,7 +131,7 @@ class Store:
         self._q = sql.queries()
         self._inserter = _Dedicated(url, "inserter")
         self._claimer = _Dedicated(url, "claimer", CLAIMER_SETTINGS)
-        self._finisher = _Dedicated(url, "finisher")
+        self._finisher = _Dedicated(url, "finisher", FINISHER_SETTINGS)
         self._listener = _Dedicated(url, "listener")
         self._new_work = trio.Event()
         self._cancel_callbacks: list[Callable[[int], None]] = []

@@ -58,10 +58,12 @@ ORDER BY 1;
 SELECT 1;
 
 -- name: tasks_need_analyze :val
--- Has the task table changed so much since its statistics were taken that plans may
--- go wrong (a new database, a burst)? Autovacuum would notice only at its next nap.
-SELECT coalesce(n_mod_since_analyze > 1000 + 0.2 * n_live_tup, false)
-FROM pg_stat_user_tables WHERE relid = 'taskd.tasks'::regclass;
+-- Has the task table grown or shrunk so much since its statistics were taken that
+-- plans may go wrong (a new database, a burst of submits)? Autovacuum would notice
+-- only at its next nap. Updates alone (the churn of a busy queue) do not count.
+SELECT s.n_live_tup > 1000 AND (c.reltuples < 0 OR abs(s.n_live_tup - c.reltuples) > 0.5 * c.reltuples)
+FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE c.oid = 'taskd.tasks'::regclass;
 
 -- name: tasks_analyze :exec
 -- Refresh the task table's planner statistics.

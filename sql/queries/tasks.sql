@@ -34,7 +34,9 @@ WHERE status IN ('pending', 'retrying') AND task_type = ANY($1::text[]);
 
 -- name: task_finish_many :many
 -- Record many attempts' outcomes in one statement, fenced on the lease owner $1
--- and the attempt number: an attempt whose lease was lost writes nothing.
+-- and the attempt number: an attempt whose lease was lost writes nothing. Only a
+-- running task has a lease owner, so the fence needs no status test (which would
+-- tempt the planner into scanning every running row).
 UPDATE taskd.tasks t
 SET status = u.status,
     result = u.result::jsonb,
@@ -46,7 +48,7 @@ SET status = u.status,
     locked_until = NULL
 FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], $7::float8[])
      AS u(id, attempt, status, result, error, delay)
-WHERE t.id = u.id AND t.attempts = u.attempt AND t.locked_by = $1::text AND t.status = 'running'
+WHERE t.id = u.id AND t.attempts = u.attempt AND t.locked_by = $1::text
 RETURNING t.id;
 
 -- name: task_release_many :exec

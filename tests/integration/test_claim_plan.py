@@ -85,3 +85,38 @@ async def test_claim_walks_the_index_even_before_the_table_is_analyzed(aio_loop:
     assert "Sort" not in kinds and "Bitmap Heap Scan" not in kinds, kinds
     runnable = next(n for n in nodes if n.get("Index Name") == "tasks_runnable_idx")
     assert runnable["Node Type"] == "Index Scan" and runnable["Actual Rows"] <= 100
+
+
+async def test_outcomes_are_written_by_primary_key_even_with_stale_statistics(
+    aio_loop: object, database_url: str
+) -> None:
+    """Statistics lag behind a queue (every row changes status within seconds); the
+    outcome batch must still look rows up one by one, not join against a scan."""
+    from taskd.store import FINISHER_SETTINGS
+
+    finish = sql.queries()["task_finish_many"].text
+    ids = list(range(1000, 1400))
+
+    async def explain() -> Any:
+        conn = await asyncpg.connect(database_url, server_settings=FINISHER_SETTINGS)
+        try:
+            await conn.execute("INSERT INTO taskd.tasks (task_type, max_retries, timeout_seconds, status, "
+                               "locked_by, attempts) SELECT 'echo', 3, 30, 'running', 'p', 1 "
+                               "FROM generate_series(1, 20000)")
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                return json.loads(await conn.fetchval(
+                    "EXPLAIN (ANALYZE, FORMAT JSON) " + finish, "p", ids, [1] * 400, ["completed"] * 400,
+                    ["{}"] * 400, [None] * 400, [0.0] * 400))
+            finally:
+                await transaction.rollback()
+        finally:
+            await conn.close()
+
+    (top,) = await trio_asyncio.aio_as_trio(explain)()
+    nodes = _nodes(top["Plan"])
+    scans = [n for n in nodes if n.get("Relation Name") == "tasks" and "Scan" in n["Node Type"]]
+    assert [(n["Node Type"], n.get("Index Name")) for n in scans] == [("Index Scan", "tasks_pkey")], scans
+    assert scans[0]["Actual Rows"] == 1 and scans[0]["Actual Loops"] == 400
+    assert top["Plan"]["Actual Rows"] == 400
