@@ -8,6 +8,7 @@ Imports taskd.config, taskd.models, taskd.errors and taskd.jsontext.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterator
@@ -22,15 +23,33 @@ MAX_TIMEOUT = 7 * 86_400.0
 MAX_RETRIES_LIMIT = 1000
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class TaskContext:
-    """What a handler knows about the attempt it runs in."""
+    """What a handler knows about the attempt it runs in: task_id, task_type, attempt
+    (1-based), max_retries, and a logger that tags its records with the task id."""
 
-    task_id: int
-    task_type: str
-    attempt: int
-    max_retries: int
-    logger: logging.LoggerAdapter[logging.Logger]
+    __slots__ = ("task_id", "task_type", "attempt", "max_retries", "_logger")
+
+    def __init__(self, task_id: int, task_type: str, attempt: int, max_retries: int) -> None:
+        self.task_id = task_id
+        self.task_type = task_type
+        self.attempt = attempt
+        self.max_retries = max_retries
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        # Made on first use: most handlers never log, and this runs once per task.
+        if self._logger is None:
+            self._logger = logging.LoggerAdapter(_task_logger(self.task_type), {"task_id": self.task_id})
+        return self._logger
+
+    def __repr__(self) -> str:
+        return f"TaskContext(task_id={self.task_id}, task_type={self.task_type!r}, attempt={self.attempt})"
+
+
+@functools.cache
+def _task_logger(task_type: str) -> logging.Logger:
+    return logging.getLogger(f"taskd.task.{task_type}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -196,10 +196,7 @@ class WorkerPool:
 
     async def _attempt(self, handler: Handler, task: ClaimedTask) -> Outcome | None:
         """Run one attempt; None if the task was deleted meanwhile."""
-        ctx = TaskContext(
-            task_id=task.id, task_type=task.task_type, attempt=task.attempt, max_retries=task.max_retries,
-            logger=logging.LoggerAdapter(logging.getLogger(f"taskd.task.{task.task_type}"), {"task_id": task.id}),
-        )
+        ctx = TaskContext(task.id, task.task_type, task.attempt, task.max_retries)
         error: BaseException | None = None
         result_json: str | None = None
         started = time.perf_counter()

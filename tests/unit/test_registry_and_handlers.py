@@ -10,7 +10,15 @@ from taskd.registry import Registry, TaskContext, default_registry
 
 
 def ctx(attempt: int = 1) -> TaskContext:
-    return TaskContext(1, "t", attempt, 3, logging.LoggerAdapter(logging.getLogger("t"), {}))
+    return TaskContext(1, "t", attempt, 3)
+
+
+def test_context_logger_tags_records_with_the_task_id(caplog: pytest.LogCaptureFixture) -> None:
+    context = TaskContext(42, "resize", 2, 3)
+    with caplog.at_level(logging.INFO, logger="taskd.task.resize"):
+        context.logger.info("working")
+    (record,) = caplog.records
+    assert record.name == "taskd.task.resize" and record.task_id == 42  # type: ignore[attr-defined]
 
 
 def test_builtins_are_registered() -> None:
