@@ -159,7 +159,3 @@ class Coalescer(Generic[T, R]):
             else:
                 slot.value = result
             slot.done.set()
-
-    @property
-    def mean_batch(self) -> float:
-        return self.items / self.batches if self.batches else math.nan
