@@ -5,6 +5,7 @@ cloned from it (procrastinate's pattern), dropped afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import pathlib
@@ -82,26 +83,29 @@ def template_db(server_url: str) -> Iterator[str]:
 _counter = itertools.count()
 
 
-@pytest.fixture
-def database_url(server_url: str, template_db: str) -> Iterator[str]:
-    """A fresh, migrated database for one test; dropped afterwards."""
-    name = f"taskd_test_{os.getpid()}_{next(_counter)}"
-    _admin(server_url, f"CREATE DATABASE {name} TEMPLATE {template_db}")
+@contextlib.contextmanager
+def scratch_database(server_url: str, prefix: str, template: str | None = None) -> Iterator[str]:
+    """A database of its own for one test (a copy of template, if given); dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{next(_counter)}"
+    _admin(server_url, f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
     try:
         yield with_database(server_url, name)
     finally:
         _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def database_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    with scratch_database(server_url, "taskd_test", template_db) as url:
+        yield url
 
 
 @pytest.fixture
 def empty_database_url(server_url: str) -> Iterator[str]:
-    """A fresh database with no taskd schema; dropped afterwards."""
-    name = f"taskd_empty_{os.getpid()}_{next(_counter)}"
-    _admin(server_url, f"CREATE DATABASE {name}")
-    try:
-        yield with_database(server_url, name)
-    finally:
-        _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    """A fresh database with no taskd schema."""
+    with scratch_database(server_url, "taskd_empty") as url:
+        yield url
 
 
 @pytest.fixture

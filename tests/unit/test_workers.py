@@ -42,14 +42,24 @@ def make_registry(log: list[Any]) -> Registry:
     return registry
 
 
+def new_pool(store: FakeStore, size: int, registry: Registry | None = None, **settings: Any) -> WorkerPool:
+    return WorkerPool(store, registry or make_registry([]), Settings(worker_pool_size=size, **settings),  # type: ignore[arg-type]
+                      WorkerGauge(size))
+
+
+def start_pool(nursery: trio.Nursery, pool: WorkerPool) -> None:
+    """Start the claim loop and the worker loops as the server does."""
+    send, receive = pool.open_channel()
+    with receive:
+        for _ in range(pool.size):
+            nursery.start_soon(pool.work_loop, receive.clone())
+    nursery.start_soon(pool.claim_loop, send)
+
+
 async def run_pool(store: FakeStore, registry: Registry, settings: Settings, until: trio.Event) -> WorkerPool:
     pool = WorkerPool(store, registry, settings, WorkerGauge(settings.worker_pool_size))  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
-        send, receive = pool.open_channel()
-        async with receive:
-            for _ in range(settings.worker_pool_size):
-                nursery.start_soon(pool.work_loop, receive.clone())
-        nursery.start_soon(pool.claim_loop, send)
+        start_pool(nursery, pool)
         with trio.fail_after(3600):
             await until.wait()
         pool.stop_claiming()
@@ -109,13 +119,9 @@ async def test_timeout_and_garbage_results_fail_the_attempt_not_the_worker(autoj
 async def test_deleting_a_running_task_cancels_only_its_attempt(autojump_clock: trio.abc.Clock) -> None:
     store = FakeStore()
     hang = store.add("hang", {}, timeout=1000)
-    pool = WorkerPool(store, make_registry([]), Settings(worker_pool_size=2), WorkerGauge(2))  # type: ignore[arg-type]
+    pool = new_pool(store, 2)
     async with trio.open_nursery() as nursery:
-        send, receive = pool.open_channel()
-        async with receive:
-            for _ in range(2):
-                nursery.start_soon(pool.work_loop, receive.clone())
-        nursery.start_soon(pool.claim_loop, send)
+        start_pool(nursery, pool)
         await trio.sleep(1)
         assert pool.gauge.busy == 1
         store.cancel(hang)
@@ -130,11 +136,9 @@ async def test_deleting_a_running_task_cancels_only_its_attempt(autojump_clock: 
 
 async def test_new_work_wakes_an_idle_claimer_before_the_poll(autojump_clock: trio.abc.Clock) -> None:
     store = FakeStore()
-    pool = WorkerPool(store, make_registry([]), Settings(worker_pool_size=1), WorkerGauge(1))  # type: ignore[arg-type]
+    pool = new_pool(store, 1)
     async with trio.open_nursery() as nursery:
-        send, receive = pool.open_channel()
-        nursery.start_soon(pool.work_loop, receive)
-        nursery.start_soon(pool.claim_loop, send)
+        start_pool(nursery, pool)
         await trio.sleep(10)
         claims_before = len(store.claim_requests)
         store.add("ok", {})
@@ -147,13 +151,9 @@ async def test_new_work_wakes_an_idle_claimer_before_the_poll(autojump_clock: tr
 async def test_cancelled_work_stays_held_for_release(autojump_clock: trio.abc.Clock) -> None:
     store = FakeStore()
     ids = [store.add("hang", {}, timeout=1000) for _ in range(3)]
-    pool = WorkerPool(store, make_registry([]), Settings(worker_pool_size=2), WorkerGauge(2))  # type: ignore[arg-type]
+    pool = new_pool(store, 2)
     async with trio.open_nursery() as nursery:
-        send, receive = pool.open_channel()
-        async with receive:
-            for _ in range(2):
-                nursery.start_soon(pool.work_loop, receive.clone())
-        nursery.start_soon(pool.claim_loop, send)
+        start_pool(nursery, pool)
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
     assert sorted(pool.held()) == [(ids[0], 1), (ids[1], 1)]
