@@ -126,6 +126,7 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
                 services.start_soon(maintenance.heartbeat_loop, store, settings, gauge)
                 services.start_soon(maintenance.rescue_loop, store, settings)
                 services.start_soon(maintenance.statistics_loop, store)
+                services.start_soon(store.keep_listening)
                 async with trio.open_nursery() as work:
                     send, receive = pool.open_channel()
                     async with receive:

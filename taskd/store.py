@@ -97,6 +97,10 @@ class _Dedicated:
             await self.close()
             raise
 
+    def is_lost(self) -> bool:
+        """Was this connection open and then lost?"""
+        return self._conn is None or self._conn.is_closed()
+
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -167,6 +171,25 @@ class Store:
         conn = await self._listener.get()
         await conn.listen(NEW_WORK_CHANNEL, self._on_new_work)
         await conn.listen(CANCEL_CHANNEL, self._on_cancel)
+
+    async def keep_listening(self, check_every: float = 1.0) -> None:
+        """Re-LISTEN after the listening connection is lost (a database restart), forever.
+
+        Notifications sent meanwhile are gone, so the claimer is woken to look for
+        itself; deletions of running tasks missed meanwhile still end at the outcome
+        write, which the fence turns away."""
+        while True:
+            await trio.sleep(check_every)
+            if not self._listener.is_lost():
+                continue
+            try:
+                await self._listener.close()
+                await self._start_listening()
+            except DatabaseUnavailable as exc:
+                log.debug("listening again failed: %s", exc)
+                continue
+            log.info("listening for new work again")
+            self._new_work.set()
 
     async def close(self) -> None:
         """Close every connection (shielded and bounded inside db)."""

@@ -266,3 +266,19 @@ async def test_enqueue_joins_the_callers_transaction(store: Store, database_url:
 async def test_unreachable_database_is_a_clear_error(aio_loop: object) -> None:
     with pytest.raises(DatabaseUnavailable):
         await Store.open("postgresql://postgres@127.0.0.1:1/nowhere", pool_size=2)
+
+
+async def test_listening_resumes_after_the_connection_is_lost(store: Store, database_url: str) -> None:
+    """A database restart drops the LISTEN connection; new work must wake claimers again."""
+    (killed,) = await raw(database_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                        "WHERE datname = current_database() AND query LIKE 'LISTEN%'")
+    assert killed and killed[0][0] is True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.keep_listening, 0.05)
+        with trio.fail_after(5):
+            await store.wait_for_work()  # woken once listening again, to look for missed work
+        store.clear_new_work()
+        await store.submit(new())
+        with trio.fail_after(5):
+            await store.wait_for_work()
+        nursery.cancel_scope.cancel()
