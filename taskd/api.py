@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -51,6 +52,7 @@ from taskd.store import Store
 log = logging.getLogger("taskd.api")
 
 MAX_ID = 2**63 - 1
+_DIGITS = re.compile(r"[0-9]{1,19}")  # str.isdigit() also accepts '²' and other digits int() refuses
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -128,8 +130,12 @@ def _task_id(task_id: int) -> int:
 
 
 def _query(model: type[Any]) -> Any:
+    args = request.args.to_dict()
+    for name, value in args.items():
+        if "\x00" in value:  # PostgreSQL text cannot hold NUL
+            raise ApiError(422, "invalid_query", f"{name}: must not contain the NUL character")
     try:
-        return model.model_validate(request.args.to_dict())
+        return model.model_validate(args)
     except ValidationError as exc:
         first = _validation_details(exc)[0]
         raise ApiError(422, "invalid_query", f"{first['loc']}: {first['message']}",
@@ -277,7 +283,7 @@ def create_app(store: Store, registry: Registry, settings: Settings, gauge: Work
         query = _query(ListQuery)
         before: int | None = None
         if query.cursor is not None:
-            if not query.cursor.isdigit() or not 1 <= int(query.cursor) <= MAX_ID:
+            if not _DIGITS.fullmatch(query.cursor) or not 1 <= int(query.cursor) <= MAX_ID:
                 raise ApiError(422, "invalid_query", "cursor: must be a next_cursor from an earlier page")
             before = int(query.cursor)
         tasks = await store.list_tasks(

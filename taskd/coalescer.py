@@ -101,7 +101,7 @@ class Coalescer(Generic[T, R]):
                     batch = [await self._receive.receive()]
                 except trio.EndOfChannel:
                     return
-                self._take_ready(batch)
+                self._take_ready(batch, self.max_items)
                 # Wait for company only under load (the last batch was shared): a
                 # lone item at a quiet time goes at once, with no added latency.
                 if len(batch) < self.max_items and self.window > 0 and (len(batch) > 1 or self._last_size > 1):
@@ -111,14 +111,14 @@ class Coalescer(Generic[T, R]):
                                 batch.append(await self._receive.receive())
                             except trio.EndOfChannel:
                                 break
-                            self._take_ready(batch)
+                            self._take_ready(batch, self.max_items)
                 with trio.CancelScope(shield=True):
                     await self._flush_batch(batch)
                 self._last_size = len(batch)
                 batch = []
         finally:
             # Cancelled before flushing: no caller may wait forever on its slot.
-            self._take_ready(batch, limit=None)
+            self._take_ready(batch, math.inf)
             self._receive.close()
             if batch:
                 log.error("%s stopped with %d items not flushed", self.name, len(batch))
@@ -127,8 +127,8 @@ class Coalescer(Generic[T, R]):
                     slot.error = CoalescerClosed(f"{self.name} stopped before flushing")
                     slot.done.set()
 
-    def _take_ready(self, batch: list[tuple[T, _Slot[R] | None]], limit: int | None = -1) -> None:
-        cap = self.max_items if limit == -1 else math.inf if limit is None else limit
+    def _take_ready(self, batch: list[tuple[T, _Slot[R] | None]], cap: float) -> None:
+        """Move what is already queued into batch, up to cap items in all."""
         while len(batch) < cap:
             try:
                 batch.append(self._receive.receive_nowait())

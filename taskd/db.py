@@ -131,13 +131,19 @@ class Pool:
             self._raw.terminate()
 
 
+# A statement that runs longer than this is cancelled (and reported as the database
+# being unavailable), so a hung connection cannot hold a loop, or shutdown, forever.
+COMMAND_TIMEOUT = 60.0
+
+
 async def connect(
-    url: str, *, connect_timeout: float = 10.0, server_settings: dict[str, str] | None = None
+    url: str, *, connect_timeout: float = 10.0, server_settings: dict[str, str] | None = None,
+    command_timeout: float = COMMAND_TIMEOUT,
 ) -> Connection:
     """Open one dedicated connection (with session settings, if given)."""
     with _translated():
         raw = await trio_asyncio.aio_as_trio(asyncpg.connect)(
-            url, timeout=connect_timeout, server_settings=server_settings)
+            url, timeout=connect_timeout, server_settings=server_settings, command_timeout=command_timeout)
     return Connection(raw)
 
 
@@ -145,6 +151,6 @@ async def create_pool(url: str, *, size: int, connect_timeout: float = 10.0) -> 
     """Open a pool of up to `size` connections (two kept open)."""
     with _translated():
         raw = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
-            url, min_size=min(2, size), max_size=size, timeout=connect_timeout
+            url, min_size=min(2, size), max_size=size, timeout=connect_timeout, command_timeout=COMMAND_TIMEOUT
         )
     return Pool(raw)

@@ -1,8 +1,9 @@
 """Strict JSON text for what goes into jsonb columns. Imports nothing from taskd.
 
-PostgreSQL's jsonb rejects NaN and Infinity and the escaped NUL character, so
-a value holding any of them is refused here, with a clear message, before it
-can fail a whole batched statement.
+PostgreSQL's jsonb rejects NaN and Infinity, the escaped NUL character and text
+that is not valid UTF-8 (a lone surrogate, as in a file name decoded with
+surrogateescape), so a value holding any of them is refused here, with a clear
+message, before it can fail a whole batched statement.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ def dumps(value: Any) -> str:
         raise NotJsonError(str(exc)) from None
     if "\\u0000" in text:
         raise NotJsonError("strings containing the NUL character (\\u0000) cannot be stored")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise NotJsonError(f"text that is not valid UTF-8 cannot be stored ({exc.reason})") from None
     return text
 
 

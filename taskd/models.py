@@ -48,7 +48,8 @@ class Outcome:
     """How one attempt ended, for the completion batch.
 
     `status` is completed, retrying or failed; `result_json` and `error_json`
-    are JSON text; `retry_delay` is seconds until a retrying task is due.
+    are JSON text; `retry_delay` is seconds until the task is due again if it is
+    retried.
     """
 
     task_id: int
@@ -57,6 +58,7 @@ class Outcome:
     result_json: str | None = None
     error_json: str | None = None
     retry_delay: float = 0.0
+    may_retry: bool = False  # retries remain, should this outcome turn out unstorable
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -6,10 +6,11 @@ is opened here, and their nesting is the shutdown order:
         work: the claim loop and the worker loops
           http: hypercorn
 
-On SIGTERM/SIGINT: HTTP stops accepting and finishes its requests; claiming
-stops; workers finish what they hold for up to SHUTDOWN_GRACE (a second signal
-cuts it to zero); what is left is cancelled and released to pending without
-counting the attempt; outcomes are flushed; the connections close.
+On SIGTERM/SIGINT: HTTP stops accepting and finishes its open requests, and at
+the same moment claiming stops and the workers get SHUTDOWN_GRACE to finish what
+they hold (a second signal cuts both short); what is left is cancelled; the
+outcomes handed over are written, the unfinished tasks released to pending
+without counting the attempt; the connections close.
 """
 
 from __future__ import annotations
@@ -55,9 +56,18 @@ class Shutdown:
                     log.info("%s again: cancelling running tasks now", signal.Signals(signum).name)
                     self.immediate.set()
 
-    async def cancel_after_grace(self, scope: trio.CancelScope, grace: float) -> None:
+    async def stop_work(self, pool: WorkerPool, work: trio.CancelScope, grace: float) -> None:
+        """On the first signal stop claiming; cancel what still runs once the grace is over."""
+        await self.requested.wait()
+        pool.stop_claiming()
+        log.info("claiming stopped; running tasks have %gs to finish", grace)
         with trio.move_on_after(grace):
             await self.immediate.wait()
+        work.cancel()
+
+    async def cut_short(self, scope: trio.CancelScope) -> None:
+        """On a second signal stop waiting for open HTTP requests too."""
+        await self.immediate.wait()
         scope.cancel()
 
 
@@ -123,11 +133,11 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
         try:
             async with trio.open_nursery() as services:
                 services.start_soon(shutdown.watch_signals)
-                services.start_soon(maintenance.heartbeat_loop, store, settings, gauge)
+                services.start_soon(pool.heartbeat_loop)
                 services.start_soon(maintenance.rescue_loop, store, settings)
-                services.start_soon(maintenance.statistics_loop, store)
                 services.start_soon(store.keep_listening)
                 async with trio.open_nursery() as work:
+                    services.start_soon(shutdown.stop_work, pool, work.cancel_scope, settings.shutdown_grace)
                     send, receive = pool.open_channel()
                     async with receive:
                         for _ in range(settings.worker_pool_size):
@@ -137,6 +147,7 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
                     else:
                         send.close()
                     async with trio.open_nursery() as http:
+                        services.start_soon(shutdown.cut_short, http.cancel_scope)
                         binds: Any = await http.start(functools.partial(
                             hypercorn.trio.serve, app, config, shutdown_trigger=shutdown.requested.wait))
                         api = f"http://{_bind(settings.host, settings.port)}"
@@ -145,9 +156,7 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
                         print(f"taskd: API {api}  docs {api}/docs  database {safe_url(url)}  "
                               f"workers {settings.worker_pool_size}{banner}"
                               f"{_sibling_note(settings)}", flush=True)
-                    log.info("HTTP stopped; finishing running tasks (grace %gs)", settings.shutdown_grace)
-                    pool.stop_claiming()
-                    services.start_soon(shutdown.cancel_after_grace, work.cancel_scope, settings.shutdown_grace)
+                    log.info("HTTP stopped")
                 with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
                     await store.flush_outcomes()
                     held = pool.held()

@@ -50,9 +50,9 @@ CLAIMER_SETTINGS = {
     "enable_seqscan": "off",
 }
 
-# The outcome writer's session: look each outcome's row up by primary key, never
-# join a batch against a scan, whatever the statistics say (they lag behind a
-# queue whose rows all change status within seconds).
+# The outcome writer's session (and the heartbeat's): look each row up by primary
+# key, never join a batch against a scan, whatever the statistics say (they lag
+# behind a queue whose rows all change status within seconds).
 FINISHER_SETTINGS = {
     "enable_seqscan": "off",
     "enable_bitmapscan": "off",
@@ -65,7 +65,6 @@ QUERIES_USED = frozenset({
     "task_extend_leases", "task_rescue_expired", "task_get", "task_list", "task_delete",
     "process_heartbeat", "process_remove", "process_list_live", "process_prune",
     "stats_counts", "stats_recent", "stats_by_type", "stats_timings_by_type", "stats_timeline", "db_ping",
-    "tasks_need_analyze", "tasks_analyze",
     "migration_lock", "migration_unlock", "migration_prepare", "migration_applied", "migration_record",
 })
 
@@ -136,6 +135,8 @@ class Store:
         self._inserter = _Dedicated(url, "inserter")
         self._claimer = _Dedicated(url, "claimer", CLAIMER_SETTINGS)
         self._finisher = _Dedicated(url, "finisher", FINISHER_SETTINGS)
+        # Its own connection, so HTTP reads filling the pool cannot make leases lapse.
+        self._heartbeat = _Dedicated(url, "heartbeat", FINISHER_SETTINGS)
         self._listener = _Dedicated(url, "listener")
         self._new_work = trio.Event()
         self._cancel_callbacks: list[Callable[[int], None]] = []
@@ -193,7 +194,7 @@ class Store:
 
     async def close(self) -> None:
         """Close every connection (shielded and bounded inside db)."""
-        for dedicated in (self._inserter, self._claimer, self._finisher, self._listener):
+        for dedicated in (self._inserter, self._claimer, self._finisher, self._heartbeat, self._listener):
             await dedicated.close()
         await self._pool.close()
 
@@ -272,8 +273,9 @@ class Store:
             for row in rows
         ]
 
-    async def next_due(self, task_types: Sequence[str]) -> dt.datetime | None:
-        """When the next waiting task of these types is due (it may be now or past)."""
+    async def seconds_until_due(self, task_types: Sequence[str]) -> float | None:
+        """Seconds until the next waiting task of these types is due, by the database's clock
+        (zero or less: due now; None: nothing is waiting)."""
         return await self._claimer.run(self._q["task_next_due"], list(task_types))
 
     async def finish(self, outcome: Outcome) -> bool:
@@ -289,7 +291,31 @@ class Store:
         await self.finishes.wait_idle()
 
     async def _finish_batch(self, outcomes: Sequence[Outcome]) -> Sequence[bool]:
-        query = self._q["task_finish_many"]
+        try:
+            written = await self._write_outcomes(outcomes)
+        except DatabaseError as exc:
+            # A row the database will not take fails the whole statement: write one by
+            # one, so the others are kept and the refused one becomes a failed attempt.
+            log.error("writing %d outcomes failed (%s); writing them one by one", len(outcomes), exc)
+            written = set()
+            for outcome in outcomes:
+                try:
+                    written |= await self._write_outcomes([outcome])
+                except DatabaseError as refused:
+                    log.error("task %d attempt %d: the database refused its outcome; recorded as a failed "
+                              "attempt: %s", outcome.task_id, outcome.attempt, refused)
+                    written |= await self._write_outcomes([_unstorable(outcome, refused)])
+        for o in outcomes:
+            if o.task_id not in written:
+                log.warning("task %d attempt %d finished after this process lost its lease (or the task was "
+                            "deleted); outcome discarded", o.task_id, o.attempt)
+        self._signal_finished([o.task_id for o in outcomes if o.status != TaskStatus.RETRYING])
+        return [o.task_id in written for o in outcomes]
+
+    async def _write_outcomes(self, outcomes: Sequence[Outcome]) -> set[int]:
+        """One fenced statement; the ids written. Retries while the database is unreachable:
+        results must not be lost to a blip (the lease outlives a short outage, and after a
+        long one the fence turns stale outcomes away)."""
         args = (
             self.process_id,
             [o.task_id for o in outcomes],
@@ -299,24 +325,15 @@ class Store:
             [o.error_json for o in outcomes],
             [o.retry_delay for o in outcomes],
         )
-        # Results must not be lost to a database blip: retry until written (the lease
-        # outlives a short outage; after a long one the fence rejects stale outcomes).
         delay = 0.1
         while True:
             try:
-                rows = await self._finisher.run(query, *args)
-                break
+                rows = await self._finisher.run(self._q["task_finish_many"], *args)
+                return {row["id"] for row in rows}
             except DatabaseUnavailable as exc:
                 log.warning("writing %d outcomes failed, retrying in %.1fs: %s", len(outcomes), delay, exc)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        written = {row["id"] for row in rows}
-        for o in outcomes:
-            if o.task_id not in written:
-                log.warning("task %d attempt %d finished after this process lost its lease (or the task was "
-                            "deleted); outcome discarded", o.task_id, o.attempt)
-        self._signal_finished([o.task_id for o in outcomes if o.status != TaskStatus.RETRYING])
-        return [o.task_id in written for o in outcomes]
 
     async def release(self, claims: Sequence[tuple[int, int]]) -> None:
         """Return claimed, unfinished (task id, attempt) pairs to pending without counting the attempt."""
@@ -326,11 +343,16 @@ class Store:
 
     # -- leases and processes ---------------------------------------------------------------------
 
-    async def heartbeat(self, lease_seconds: float, workers: int, busy: int) -> None:
-        """Renew every lease this process holds and record that it is alive."""
-        await self._pool.run(self._q["task_extend_leases"], self.process_id, lease_seconds)
-        await self._pool.run(self._q["process_heartbeat"], self.process_id, socket.gethostname(),
-                             os.getpid(), workers, busy)
+    async def heartbeat(
+        self, lease_seconds: float, held: Sequence[tuple[int, int]], workers: int, busy: int
+    ) -> set[tuple[int, int]]:
+        """Renew the leases of the held (task id, attempt) pairs and record that this process
+        is alive; returns the pairs whose lease was renewed."""
+        rows = await self._heartbeat.run(self._q["task_extend_leases"], self.process_id, lease_seconds,
+                                         [h[0] for h in held], [h[1] for h in held])
+        await self._heartbeat.run(self._q["process_heartbeat"], self.process_id, socket.gethostname(),
+                                  os.getpid(), workers, busy)
+        return {(row["id"], row["attempts"]) for row in rows}
 
     async def remove_process(self) -> None:
         await self._pool.run(self._q["process_remove"], self.process_id)
@@ -342,13 +364,6 @@ class Store:
         if rows:
             self._new_work.set()
         return [(row["id"], TaskStatus(row["status"])) for row in rows]
-
-    async def refresh_statistics(self) -> bool:
-        """ANALYZE the task table if it changed a lot since its statistics were taken; True if it did."""
-        if not await self._pool.run(self._q["tasks_need_analyze"]):
-            return False
-        await self._pool.run(self._q["tasks_analyze"])
-        return True
 
     async def prune_processes(self, older_than: float) -> None:
         await self._pool.run(self._q["process_prune"], older_than)
@@ -435,3 +450,16 @@ def _insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
         [t.max_retries for t in tasks],
         [t.timeout_seconds for t in tasks],
     )
+
+
+def _unstorable(outcome: Outcome, exc: Exception) -> Outcome:
+    """The attempt's outcome could not be stored (the database refused its result):
+    record the attempt as failed instead, retried if retries remain."""
+    error = jsontext.dumps({
+        "type": "OutcomeNotStored",
+        "message": f"the database refused this attempt's outcome: {str(exc)[:1000]}",
+        "attempt": outcome.attempt,
+        "at": dt.datetime.now(dt.UTC).isoformat(),
+    })
+    status = TaskStatus.RETRYING if outcome.may_retry else TaskStatus.FAILED
+    return Outcome(outcome.task_id, outcome.attempt, status, error_json=error, retry_delay=outcome.retry_delay)

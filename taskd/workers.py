@@ -13,9 +13,11 @@ Imports taskd.store, taskd.registry, taskd.config, taskd.models, taskd.errors, t
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import functools
 import logging
+import math
 import random
 import time
 import traceback
@@ -35,6 +37,7 @@ log = logging.getLogger("taskd.workers")
 POLL_INTERVAL = 2.0  # fallback when a NOTIFY is missed
 MIN_WAIT = 0.005
 MAX_CLAIM = 500
+RECENT_CANCELS = 10_000
 TRACEBACK_CHARS = 2000
 MESSAGE_CHARS = 2000
 
@@ -75,11 +78,19 @@ class WorkerPool:
         self.gauge = gauge
         self.size = settings.worker_pool_size
         self._slots = trio.Semaphore(self.size)
-        self._threads = trio.CapacityLimiter(max(1, self.size))
+        # Worker slots already bound the live threads; a plain-def handler that timed
+        # out keeps running in its abandoned thread, and must not hold a token that
+        # would starve every later plain-def handler.
+        self._threads = trio.CapacityLimiter(math.inf)
         self._claim_scope = trio.CancelScope()
-        self._held: dict[int, int] = {}  # claimed and not yet finished: task id -> attempt
-        self._running: dict[int, trio.CancelScope] = {}
+        # Claimed and not yet handed to the outcome writer: task id -> attempt. Keyed
+        # by id but checked by attempt: if this process lost a lease and claimed the
+        # task again, the old attempt must not clear the new one's entries.
+        self._held: dict[int, int] = {}
+        self._running: dict[int, tuple[int, trio.CancelScope]] = {}
         self._deleted: set[int] = set()
+        # Deletions whose notice may arrive before the claim that took the task lands.
+        self._recent_cancels: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.claims = 0
         self.claimed = 0
         store.on_cancel(self._cancel_deleted)
@@ -97,11 +108,37 @@ class WorkerPool:
 
     def _cancel_deleted(self, task_id: int) -> None:
         if task_id not in self._held:
+            self._recent_cancels[task_id] = None
+            if len(self._recent_cancels) > RECENT_CANCELS:
+                self._recent_cancels.popitem(last=False)
             return
+        self._cancel(task_id)
+
+    def _cancel(self, task_id: int) -> None:
+        """Stop working on a task this process no longer owns (deleted, or its lease lost)."""
         self._deleted.add(task_id)
-        scope = self._running.get(task_id)
-        if scope is not None:
-            scope.cancel()
+        running = self._running.get(task_id)
+        if running is not None:
+            running[1].cancel()
+
+    async def heartbeat_loop(self) -> None:
+        """Renew the leases of the tasks this process holds, and its row in the process
+        table, forever; a task whose lease could not be renewed (deleted meanwhile, or
+        expired and perhaps taken by another process) is cancelled here."""
+        lease = self.settings.lease_seconds
+        while True:
+            held = self.held()
+            try:
+                renewed = await self.store.heartbeat(lease, held, self.gauge.size, self.gauge.busy)
+            except DatabaseError as exc:
+                log.warning("heartbeat failed (leases expire in at most %gs): %s", lease, exc)
+            else:
+                for task_id, attempt in held:
+                    if (task_id, attempt) not in renewed and self._held.get(task_id) == attempt:
+                        log.warning("task %d attempt %d: lease lost (deleted, or expired); cancelling it",
+                                    task_id, attempt)
+                        self._cancel(task_id)
+            await trio.sleep(lease / 3)
 
     # -- claiming ---------------------------------------------------------------------------------
 
@@ -128,6 +165,9 @@ class WorkerPool:
                     for _ in range(reserved - len(tasks)):
                         self._slots.release()
                     for task in tasks:
+                        if self._recent_cancels.pop(task.id, "absent") is None:
+                            self._slots.release()  # deleted before its claim landed here
+                            continue
                         self._held[task.id] = task.attempt
                         send.send_nowait(task)
                     if len(tasks) < reserved:
@@ -148,14 +188,11 @@ class WorkerPool:
 
     async def _wait_for_work(self, task_types: list[str]) -> None:
         try:
-            next_due = await self.store.next_due(task_types)
+            until_due = await self.store.seconds_until_due(task_types)
         except DatabaseError as exc:
             log.warning("reading the next due time failed: %s", exc)
-            next_due = None
-        wait = POLL_INTERVAL
-        if next_due is not None:
-            until_due = (next_due - dt.datetime.now(dt.UTC)).total_seconds()
-            wait = min(POLL_INTERVAL, max(MIN_WAIT, until_due))
+            until_due = None
+        wait = POLL_INTERVAL if until_due is None else min(POLL_INTERVAL, max(MIN_WAIT, until_due))
         with trio.move_on_after(wait):
             await self.store.wait_for_work()
 
@@ -172,7 +209,7 @@ class WorkerPool:
 
     async def _run(self, task: ClaimedTask) -> None:
         if task.id in self._deleted:
-            self._forget(task.id)
+            self._forget(task)
             return
         handler = self.registry.get(task.task_type)
         assert handler is not None, "the claim only asks for registered types"
@@ -188,11 +225,12 @@ class WorkerPool:
             # Handed over, not awaited: the Store writes outcomes in batches, and
             # shutdown waits for them to be written before releasing what is left.
             await self.store.record(outcome)
-        self._forget(task.id)
+        self._forget(task)
 
-    def _forget(self, task_id: int) -> None:
-        self._held.pop(task_id, None)
-        self._deleted.discard(task_id)
+    def _forget(self, task: ClaimedTask) -> None:
+        if self._held.get(task.id) == task.attempt:
+            del self._held[task.id]
+            self._deleted.discard(task.id)
 
     async def _attempt(self, handler: Handler, task: ClaimedTask) -> Outcome | None:
         """Run one attempt; None if the task was deleted meanwhile."""
@@ -202,28 +240,36 @@ class WorkerPool:
         started = time.perf_counter()
         # One scope serves both the timeout (its deadline) and DELETE (cancel()).
         scope = trio.CancelScope(deadline=trio.current_time() + task.timeout_seconds)
-        self._running[task.id] = scope
+        self._running[task.id] = (task.attempt, scope)
         try:
             with scope:
                 try:
                     result = await self._call(handler, task.payload, ctx)
                     result_json = _encode_result(result)
-                except Exception as exc:  # the handler's failure is the task's data, not ours
+                except (Exception, SystemExit) as exc:  # the handler's failure is the task's data, not ours
                     error = exc
         finally:
-            self._running.pop(task.id, None)
+            if self._running.get(task.id, (None,))[0] == task.attempt:
+                del self._running[task.id]
         if task.id in self._deleted:
             return None
         if scope.cancelled_caught:
             error = AttemptTimeout(
                 f"attempt {task.attempt} exceeded its timeout of {task.timeout_seconds:g}s "
                 f"(ran {time.perf_counter() - started:.3f}s)")
-        if error is None:
-            return Outcome(task.id, task.attempt, TaskStatus.COMPLETED, result_json=result_json)
-        error_json = jsontext.dumps(describe_error(error, task.attempt))
-        if task.attempt <= task.max_retries:
+        # Kept with every outcome: if the database refuses to store it, the store
+        # records a failed attempt instead and needs to know whether to retry.
+        may_retry = task.attempt <= task.max_retries
+        delay = 0.0
+        if may_retry:
             delay = retry_delay(task.attempt, self.settings.retry_delay, self.settings.retry_delay_max)
-            return Outcome(task.id, task.attempt, TaskStatus.RETRYING, error_json=error_json, retry_delay=delay)
+        if error is None:
+            return Outcome(task.id, task.attempt, TaskStatus.COMPLETED, result_json=result_json, retry_delay=delay,
+                           may_retry=may_retry)
+        error_json = jsontext.dumps(describe_error(error, task.attempt))
+        if may_retry:
+            return Outcome(task.id, task.attempt, TaskStatus.RETRYING, error_json=error_json, retry_delay=delay,
+                           may_retry=True)
         return Outcome(task.id, task.attempt, TaskStatus.FAILED, error_json=error_json)
 
     async def _call(self, handler: Handler, payload: Any, ctx: TaskContext) -> Any:

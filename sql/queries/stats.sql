@@ -56,15 +56,3 @@ ORDER BY 1;
 -- name: db_ping :val
 -- Is the database answering?
 SELECT 1;
-
--- name: tasks_need_analyze :val
--- Has the task table grown or shrunk so much since its statistics were taken that
--- plans may go wrong (a new database, a burst of submits)? Autovacuum would notice
--- only at its next nap. Updates alone (the churn of a busy queue) do not count.
-SELECT s.n_live_tup > 1000 AND (c.reltuples < 0 OR abs(s.n_live_tup - c.reltuples) > 0.5 * c.reltuples)
-FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid
-WHERE c.oid = 'taskd.tasks'::regclass;
-
--- name: tasks_analyze :exec
--- Refresh the task table's planner statistics.
-ANALYZE taskd.tasks;

@@ -28,8 +28,9 @@ WHERE t.id = next.id
 RETURNING t.id, t.task_type, t.payload::text AS payload, t.attempts, t.max_retries, t.timeout_seconds;
 
 -- name: task_next_due :val
--- When the next runnable task of the types in $1 falls due (NULL if none is waiting).
-SELECT min(run_at) FROM taskd.tasks
+-- Seconds until the next runnable task of the types in $1 falls due, by the
+-- database's clock (NULL if none is waiting; zero or less if one is due now).
+SELECT extract(epoch FROM min(run_at) - now())::float8 FROM taskd.tasks
 WHERE status IN ('pending', 'retrying') AND task_type = ANY($1::text[]);
 
 -- name: task_finish_many :many
@@ -65,10 +66,15 @@ SET status = 'pending',
 FROM unnest($2::bigint[], $3::int[]) AS u(id, attempt)
 WHERE t.id = u.id AND t.attempts = u.attempt AND t.locked_by = $1::text AND t.status = 'running';
 
--- name: task_extend_leases :exec
--- Heartbeat: renew every lease that process $1 holds to $2 seconds from now.
-UPDATE taskd.tasks SET locked_until = now() + make_interval(secs => $2::float8)
-WHERE status = 'running' AND locked_by = $1::text;
+-- name: task_extend_leases :many
+-- Heartbeat: renew the leases of the tasks $3 (at attempts $4) that process $1
+-- still holds to $2 seconds from now; returns those renewed. A lease that already ran out is not
+-- revived (another process may have the task now), and rows the process owns but
+-- no longer tracks (a claim whose reply was lost) are left to expire and be rescued.
+UPDATE taskd.tasks t SET locked_until = now() + make_interval(secs => $2::float8)
+FROM unnest($3::bigint[], $4::int[]) AS u(id, attempt)
+WHERE t.id = u.id AND t.attempts = u.attempt AND t.locked_by = $1::text AND t.locked_until > now()
+RETURNING t.id, t.attempts;
 
 -- name: task_rescue_expired :many
 -- Tasks whose process stopped renewing their lease: the attempt counts; run

@@ -164,15 +164,48 @@ async def test_expired_leases_are_rescued_and_the_dead_attempt_counts(store: Sto
     assert [t.id for t in again] == [a] and again[0].attempt == 2
 
 
-async def test_heartbeat_keeps_leases_alive(store: Store) -> None:
-    (task_id,) = await store.submit_many([new()])
-    await store.claim(1, ["echo"], 0.2)
+async def test_heartbeat_renews_only_held_live_leases(store: Store) -> None:
+    held, orphan, expired = await store.submit_many([new(), new(), new()])
+    await store.claim(3, ["echo"], 0.3)
+    await trio.sleep(0.4)  # all three leases ran out...
+    renewed = await store.heartbeat(0.3, [(held, 1), (expired, 1)], workers=1, busy=1)
+    assert renewed == set(), "an expired lease is not revived: another process may hold the task now"
+    await store.release([(held, 1), (orphan, 1), (expired, 1)])
+    await store.claim(3, ["echo"], 0.3)
     for _ in range(3):
-        await trio.sleep(0.1)
-        await store.heartbeat(0.2, workers=1, busy=1)
-        assert await store.rescue_expired() == []
+        await trio.sleep(0.15)
+        renewed = await store.heartbeat(0.3, [(held, 1)], workers=1, busy=1)
+        assert renewed == {(held, 1)}
+    # the orphan (claimed, but no longer tracked by its process) expires and is rescued
+    rescued = dict(await store.rescue_expired())
+    assert rescued == {orphan: TaskStatus.RETRYING, expired: TaskStatus.RETRYING}
+    assert await store.heartbeat(0.3, [(held, 2)], workers=1, busy=1) == set(), "another attempt's lease"
     (process,) = await store.live_processes(60)
     assert process["id"] == "test-a" and process["busy"] == 1
+
+
+async def test_one_outcome_batch_writes_what_is_current_and_fences_the_rest(store: Store) -> None:
+    ids = await store.submit_many([new() for _ in range(4)])
+    await store.claim(4, ["echo"], 30)
+    outcomes = [Outcome(ids[0], 1, TaskStatus.COMPLETED, result_json="0"),
+                Outcome(ids[1], 2, TaskStatus.COMPLETED, result_json="1"),  # stale attempt
+                Outcome(ids[2], 1, TaskStatus.FAILED, error_json='{"type": "E"}'),
+                Outcome(ids[3], 1, TaskStatus.COMPLETED, result_json="{")]  # the database refuses it
+    written = await store._finish_batch(outcomes)
+    assert written == [True, False, True, True]
+    assert (await store.get(ids[1])).status == TaskStatus.RUNNING  # type: ignore[union-attr]
+    refused = await store.get(ids[3])
+    assert refused and refused.status == TaskStatus.FAILED and refused.errors[0]["type"] == "OutcomeNotStored"
+
+
+async def test_a_refused_outcome_is_retried_when_retries_remain(store: Store) -> None:
+    (task_id,) = await store.submit_many([new()])
+    await store.claim(1, ["echo"], 30)
+    await store.finish(Outcome(task_id, 1, TaskStatus.COMPLETED, result_json="{", retry_delay=0, may_retry=True))
+    task = await store.get(task_id)
+    assert task and task.status == TaskStatus.RETRYING and task.errors[0]["type"] == "OutcomeNotStored"
+    (again,) = await store.claim(1, ["echo"], 30)
+    assert again.id == task_id and again.attempt == 2
 
 
 async def test_notify_wakes_a_waiting_claimer(store: Store) -> None:
@@ -204,17 +237,21 @@ async def test_deleting_a_running_task_notifies_its_process(store: Store) -> Non
 
 async def test_wait_finished_returns_when_the_outcome_is_written(store: Store) -> None:
     (task_id,) = await store.submit_many([new()])
-    (claimed,) = await store.claim(1, ["echo"], 30)
+    await store.claim(1, ["echo"], 30)
+    finished_at: list[float] = []
 
-    async def finish_later() -> None:
-        await trio.sleep(0.2)
+    async def finish_soon() -> None:
+        await trio.sleep(0.05)
         await store.finish(Outcome(task_id, 1, TaskStatus.COMPLETED, result_json="7"))
+        finished_at.append(trio.current_time())
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(finish_later)
-        start = trio.current_time()
+        nursery.start_soon(finish_soon)
         task = await store.wait_finished(task_id, 5)
-    assert task and task.result == 7 and trio.current_time() - start < 1
+        returned_at = trio.current_time()
+    assert task and task.result == 7
+    # Woken by the write itself, well before the 0.25 s poll that covers other processes.
+    assert returned_at - finished_at[0] < 0.1
     pending = (await store.submit_many([new()]))[0]
     start = trio.current_time()
     task = await store.wait_finished(pending, 0.3)

@@ -23,6 +23,8 @@ class FakeStore:
         self._new_work = trio.Event()
         self._cancel: list[Callable[[int], None]] = []
         self.finished_event = trio.Event()
+        self.heartbeats: list[list[tuple[int, int]]] = []
+        self.running_at_claim: list[int] = []
 
     # submitting
     def add(self, task_type: str, payload: Any, *, max_retries: int = 3, timeout: float = 60.0) -> int:
@@ -59,6 +61,7 @@ class FakeStore:
 
     async def claim(self, limit: int, task_types: Sequence[str], lease: float) -> list[ClaimedTask]:
         self.claim_requests.append(limit)
+        self.running_at_claim.append(sum(1 for r in self.tasks.values() if r["status"] == "running"))
         await trio.lowlevel.checkpoint()
         now = trio.current_time()
         claimed = []
@@ -72,11 +75,15 @@ class FakeStore:
                                            row["max_retries"], row["timeout"]))
         return claimed
 
-    async def next_due(self, task_types: Sequence[str]) -> dt.datetime | None:
+    async def seconds_until_due(self, task_types: Sequence[str]) -> float | None:
         due = [r["run_at"] for r in self.tasks.values() if r["status"] in ("pending", "retrying")]
-        if not due:
-            return None
-        return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=max(0.0, min(due) - trio.current_time()))
+        return min(due) - trio.current_time() if due else None
+
+    async def heartbeat(self, lease: float, held: Sequence[tuple[int, int]], workers: int,
+                        busy: int) -> set[tuple[int, int]]:
+        self.heartbeats.append(list(held))
+        return {(i, a) for i, a in held
+                if i in self.tasks and self.tasks[i]["attempts"] == a and self.tasks[i]["status"] == "running"}
 
     async def record(self, outcome: Outcome) -> None:
         await self.finish(outcome)

@@ -133,7 +133,8 @@ async def test_list_filters_and_pages_with_a_cursor(client: Any, store: FakeStor
     assert [t["id"] for t in page["items"]] == [3, 2]
     page = await (await client.get("/tasks?task_type=echo")).get_json()
     assert [t["id"] for t in page["items"]] == [4, 2] and page["next_cursor"] is None
-    for bad in ("status=done", "limit=0", "limit=1001", "cursor=x", "cursor=-3"):
+    for bad in ("status=done", "limit=0", "limit=1001", "cursor=x", "cursor=-3", "cursor=%C2%B2",
+                "cursor=99999999999999999999", "task_type=%00"):
         await error_of(await client.get(f"/tasks?{bad}"), 422)
 
 

@@ -76,10 +76,12 @@ def test_retry_delay_grows_exponentially_with_jitter_and_a_cap() -> None:
 
 async def test_claimer_never_asks_for_more_than_free_slots(autojump_clock: trio.abc.Clock) -> None:
     store, log = FakeStore(), []
-    for _ in range(30):
-        store.add("ok", {"seconds": 1})
+    for i in range(30):
+        store.add("ok", {"seconds": 1 + i % 4})  # uneven, so slots free up a few at a time
     await run_pool(store, make_registry(log), Settings(worker_pool_size=4), store.finished_event)
-    assert store.claim_requests and max(store.claim_requests) <= 4
+    asks = list(zip(store.claim_requests, store.running_at_claim, strict=True))
+    assert all(limit + running <= 4 for limit, running in asks), asks
+    assert any(running > 0 for _, running in asks), "some claims happened while tasks still ran"
     assert len(log) == 30 and len(store.outcomes) == 30
 
 
@@ -166,3 +168,45 @@ async def test_sync_handlers_run_in_threads(size: int) -> None:
     ids = [store.add("sync", {"n": i}) for i in range(5)]
     await run_pool(store, make_registry([]), Settings(worker_pool_size=size), store.finished_event)
     assert [store.tasks[i]["result"] for i in ids] == [0, 2, 4, 6, 8]
+
+
+async def test_heartbeat_renews_what_is_held_and_cancels_a_lost_lease(autojump_clock: trio.abc.Clock) -> None:
+    store = FakeStore()
+    kept, lost = store.add("hang", {}, timeout=1000), store.add("hang", {}, timeout=1000)
+    pool = new_pool(store, 2, lease_seconds=3)
+    async with trio.open_nursery() as nursery:
+        start_pool(nursery, pool)
+        nursery.start_soon(pool.heartbeat_loop)
+        await trio.sleep(2)
+        assert sorted(store.heartbeats[-1]) == [(kept, 1), (lost, 1)] and pool.gauge.busy == 2
+        store.tasks[lost]["attempts"] = 2  # rescued after an expired lease and claimed elsewhere
+        await trio.sleep(2)
+        assert pool.held() == [(kept, 1)] and pool.gauge.busy == 1
+        nursery.cancel_scope.cancel()
+    assert store.outcomes == [], "the lost attempt records nothing"
+
+
+async def test_a_task_deleted_before_its_claim_lands_never_runs(autojump_clock: trio.abc.Clock) -> None:
+    store, log = FakeStore(), []
+    task_id = store.add("ok", {})
+    pool = new_pool(store, 1, registry=make_registry(log))
+    pool._cancel_deleted(task_id)  # the notice overtakes the claim
+    async with trio.open_nursery() as nursery:
+        start_pool(nursery, pool)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert log == [] and pool.held() == []
+
+
+async def test_a_result_postgres_cannot_store_fails_the_attempt(autojump_clock: trio.abc.Clock) -> None:
+    registry = make_registry([])
+
+    @registry.task("surrogate")
+    async def surrogate(payload: Any, ctx: TaskContext) -> str:
+        return b"caf\xe9".decode("utf-8", "surrogateescape")  # as os.listdir may return
+
+    store = FakeStore()
+    task_id = store.add("surrogate", {}, max_retries=0)
+    await run_pool(store, registry, Settings(worker_pool_size=1), store.finished_event)
+    assert store.tasks[task_id]["status"] == "failed"
+    assert "not valid UTF-8" in store.tasks[task_id]["errors"][0]["message"]
