@@ -188,7 +188,7 @@ def create_app(store: Store, registry: Registry, settings: Settings, gauge: Work
 
     @app.errorhandler(InvalidTask)
     async def on_invalid_task(exc: InvalidTask) -> Response:
-        return error_response(422, "invalid_task", exc.message, {"field": exc.field, "index": exc.index})
+        return error_response(422, "invalid_task", exc.message, {"field": exc.field})
 
     @app.errorhandler(HTTPException)
     async def on_http_error(exc: HTTPException) -> Response:

@@ -39,8 +39,7 @@ class DatabaseUnavailable(DatabaseError):
 class InvalidTask(TaskdError):
     """A submitted task is not acceptable; `field` names what is wrong."""
 
-    def __init__(self, message: str, *, field: str | None = None, index: int | None = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
-        self.index = index
