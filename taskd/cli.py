@@ -96,7 +96,6 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         settings = gather_settings(argv, dict(os.environ), pathlib.Path.cwd())
         configure_logging(settings.log_level)
-        sys.path.insert(0, str(pathlib.Path.cwd()))
         import_task_modules(settings, default_registry)
     except ConfigError as exc:
         fail(2, f"invalid {exc.setting}: {exc.problem}")

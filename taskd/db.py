@@ -39,8 +39,6 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
-Row = asyncpg.Record
-
 
 @contextlib.contextmanager
 def _translated() -> Any:

@@ -19,6 +19,15 @@ class TaskStatus(enum.StrEnum):
 FINISHED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED})
 
 
+def attempt_error(kind: str, message: str, attempt: int, traceback: str | None = None) -> dict[str, Any]:
+    """What is kept of a failed attempt, wherever the failure was noticed."""
+    error: dict[str, Any] = {"type": kind, "message": message, "attempt": attempt,
+                             "at": dt.datetime.now(dt.UTC).isoformat()}
+    if traceback is not None:
+        error["traceback"] = traceback
+    return error
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class NewTask:
     """A task ready to insert: defaults resolved, payload already encoded as JSON text."""

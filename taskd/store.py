@@ -11,7 +11,6 @@ Imports taskd.db, taskd.sql, taskd.migrations, taskd.models, taskd.errors, taskd
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import socket
@@ -24,7 +23,7 @@ from taskd import db, jsontext, sql
 from taskd.coalescer import Coalescer
 from taskd.errors import DatabaseError, DatabaseUnavailable, SqlFileError
 from taskd.migrations import apply_migrations
-from taskd.models import ClaimedTask, NewTask, Outcome, Task, TaskStatus
+from taskd.models import ClaimedTask, NewTask, Outcome, Task, TaskStatus, attempt_error
 
 log = logging.getLogger("taskd.store")
 
@@ -177,8 +176,8 @@ class Store:
         """Re-LISTEN after the listening connection is lost (a database restart), forever.
 
         Notifications sent meanwhile are gone, so the claimer is woken to look for
-        itself; deletions of running tasks missed meanwhile still end at the outcome
-        write, which the fence turns away."""
+        itself; a running task deleted meanwhile is cancelled at the next heartbeat,
+        which finds its row gone."""
         while True:
             await trio.sleep(check_every)
             if not self._listener.is_lost():
@@ -277,10 +276,6 @@ class Store:
         """Seconds until the next waiting task of these types is due, by the database's clock
         (zero or less: due now; None: nothing is waiting)."""
         return await self._claimer.run(self._q["task_next_due"], list(task_types))
-
-    async def finish(self, outcome: Outcome) -> bool:
-        """Write an attempt's outcome (batched with others) and wait for it; False if the lease was lost."""
-        return await self.finishes.submit(outcome)
 
     async def record(self, outcome: Outcome) -> None:
         """Hand an attempt's outcome to the next batch without waiting for it to be written."""
@@ -455,11 +450,7 @@ def _insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
 def _unstorable(outcome: Outcome, exc: Exception) -> Outcome:
     """The attempt's outcome could not be stored (the database refused its result):
     record the attempt as failed instead, retried if retries remain."""
-    error = jsontext.dumps({
-        "type": "OutcomeNotStored",
-        "message": f"the database refused this attempt's outcome: {str(exc)[:1000]}",
-        "attempt": outcome.attempt,
-        "at": dt.datetime.now(dt.UTC).isoformat(),
-    })
+    error = jsontext.dumps(attempt_error(
+        "OutcomeNotStored", f"the database refused this attempt's outcome: {str(exc)[:1000]}", outcome.attempt))
     status = TaskStatus.RETRYING if outcome.may_retry else TaskStatus.FAILED
     return Outcome(outcome.task_id, outcome.attempt, status, error_json=error, retry_delay=outcome.retry_delay)

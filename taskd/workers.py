@@ -14,7 +14,6 @@ Imports taskd.store, taskd.registry, taskd.config, taskd.models, taskd.errors, t
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import functools
 import logging
 import math
@@ -28,7 +27,7 @@ import trio
 from taskd import jsontext
 from taskd.config import Settings
 from taskd.errors import DatabaseError
-from taskd.models import ClaimedTask, Outcome, TaskStatus, WorkerGauge
+from taskd.models import ClaimedTask, Outcome, TaskStatus, WorkerGauge, attempt_error
 from taskd.registry import Handler, Registry, TaskContext
 from taskd.store import Store
 
@@ -51,13 +50,7 @@ def retry_delay(attempt: int, base: float, cap: float, rng: random.Random | None
 def describe_error(exc: BaseException, attempt: int) -> dict[str, Any]:
     """What is kept of a failed attempt: type, message and the tail of the traceback."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8))
-    return {
-        "type": type(exc).__name__,
-        "message": str(exc)[:MESSAGE_CHARS],
-        "traceback": tb[-TRACEBACK_CHARS:],
-        "attempt": attempt,
-        "at": dt.datetime.now(dt.UTC).isoformat(),
-    }
+    return attempt_error(type(exc).__name__, str(exc)[:MESSAGE_CHARS], attempt, tb[-TRACEBACK_CHARS:])
 
 
 class AttemptTimeout(Exception):

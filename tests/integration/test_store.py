@@ -14,6 +14,12 @@ from taskd.models import NewTask, Outcome, TaskStatus
 from taskd.store import Store
 
 
+async def finish(store: Store, outcome: Outcome) -> bool:
+    """Write one outcome as the outcome batch does; False if the fence turned it away."""
+    (written,) = await store._finish_batch([outcome])
+    return written
+
+
 def new(task_type: str = "echo", payload: str = "{}", max_retries: int = 3) -> NewTask:
     return NewTask(task_type, payload, max_retries, 30.0)
 
@@ -106,10 +112,10 @@ async def test_claim_finish_and_the_fence(store: Store) -> None:
     assert [t.id for t in claimed] == ids[:3] and all(t.attempt == 1 for t in claimed)
     assert await store.claim(10, ["other"], 30) == []
     first, second, third = claimed
-    assert await store.finish(Outcome(first.id, 1, TaskStatus.COMPLETED, result_json='{"r": 1}'))
-    assert not await store.finish(Outcome(second.id, 2, TaskStatus.COMPLETED, result_json="1")), "wrong attempt"
-    assert await store.finish(Outcome(second.id, 1, TaskStatus.RETRYING, error_json='{"type": "E"}', retry_delay=60))
-    assert not await store.finish(Outcome(second.id, 1, TaskStatus.COMPLETED, result_json="1")), "not running"
+    assert await finish(store, Outcome(first.id, 1, TaskStatus.COMPLETED, result_json='{"r": 1}'))
+    assert not await finish(store, Outcome(second.id, 2, TaskStatus.COMPLETED, result_json="1")), "wrong attempt"
+    assert await finish(store, Outcome(second.id, 1, TaskStatus.RETRYING, error_json='{"type": "E"}', retry_delay=60))
+    assert not await finish(store, Outcome(second.id, 1, TaskStatus.COMPLETED, result_json="1")), "not running"
     other = Store(store.url, store._pool, process_id="someone-else")
     try:
         written = await other._finish_batch([Outcome(third.id, 1, TaskStatus.COMPLETED, result_json="1")])
@@ -201,7 +207,7 @@ async def test_one_outcome_batch_writes_what_is_current_and_fences_the_rest(stor
 async def test_a_refused_outcome_is_retried_when_retries_remain(store: Store) -> None:
     (task_id,) = await store.submit_many([new()])
     await store.claim(1, ["echo"], 30)
-    await store.finish(Outcome(task_id, 1, TaskStatus.COMPLETED, result_json="{", retry_delay=0, may_retry=True))
+    await finish(store, Outcome(task_id, 1, TaskStatus.COMPLETED, result_json="{", retry_delay=0, may_retry=True))
     task = await store.get(task_id)
     assert task and task.status == TaskStatus.RETRYING and task.errors[0]["type"] == "OutcomeNotStored"
     (again,) = await store.claim(1, ["echo"], 30)
@@ -242,7 +248,8 @@ async def test_wait_finished_returns_when_the_outcome_is_written(store: Store) -
 
     async def finish_soon() -> None:
         await trio.sleep(0.05)
-        await store.finish(Outcome(task_id, 1, TaskStatus.COMPLETED, result_json="7"))
+        await store.record(Outcome(task_id, 1, TaskStatus.COMPLETED, result_json="7"))
+        await store.flush_outcomes()
         finished_at.append(trio.current_time())
 
     async with trio.open_nursery() as nursery:
@@ -269,8 +276,8 @@ async def test_list_pages_newest_first(store: Store) -> None:
 async def test_stats_queries(store: Store) -> None:
     ids = await store.submit_many([new() for _ in range(3)])
     claimed = await store.claim(3, ["echo"], 30)
-    await store.finish(Outcome(claimed[0].id, 1, TaskStatus.COMPLETED, result_json="1"))
-    await store.finish(Outcome(claimed[1].id, 1, TaskStatus.FAILED, error_json='{"type": "E"}'))
+    await finish(store, Outcome(claimed[0].id, 1, TaskStatus.COMPLETED, result_json="1"))
+    await finish(store, Outcome(claimed[1].id, 1, TaskStatus.FAILED, error_json='{"type": "E"}'))
     assert (await store.counts())["running"] == 1
     assert await store.recent(60) == {"completed": 1, "failed": 1}
     (by_type,) = await store.by_type()
