@@ -57,12 +57,13 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+    def __init__(self, status: int, code: str, message: str, details: Any = None, *, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.close = close  # the body was left unread: the connection cannot be reused
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -115,11 +116,13 @@ def _raise_validation(exc: ValidationError) -> NoReturn:
 
 async def _body() -> bytes:
     """The request body, insisting on JSON (415 otherwise); over MAX_BODY_BYTES Quart raises 413."""
+    # Read before judging: a response sent while the body is still unread can leave
+    # hypercorn's keep-alive connection stuck, so the client's next request hangs.
+    body: bytes = await request.get_data(cache=False, as_text=False)  # type: ignore[assignment]
     mimetype = request.mimetype
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise ApiError(415, "unsupported_media_type",
                        f"send JSON with Content-Type: application/json (got {mimetype or 'none'})")
-    body: bytes = await request.get_data(cache=False, as_text=False)  # type: ignore[assignment]
     return body
 
 
@@ -180,11 +183,14 @@ def create_app(store: Store, registry: Registry, settings: Settings, gauge: Work
         length = request.content_length
         if length is not None and length > settings.max_body_bytes:
             raise ApiError(413, "request_entity_too_large",
-                           f"the request body is larger than {settings.max_body_bytes} bytes")
+                           f"the request body is larger than {settings.max_body_bytes} bytes", close=True)
 
     @app.errorhandler(ApiError)
     async def on_api_error(exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        response = error_response(exc.status, exc.code, exc.message, exc.details)
+        if exc.close:
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(InvalidTask)
     async def on_invalid_task(exc: InvalidTask) -> Response:
@@ -195,7 +201,10 @@ def create_app(store: Store, registry: Registry, settings: Settings, gauge: Work
         code = (exc.name or "error").lower().replace(" ", "_")
         message = {413: f"the request body is larger than {settings.max_body_bytes} bytes"}.get(
             exc.code or 500, exc.description or exc.name)
-        return error_response(exc.code or 500, code, message)
+        response = error_response(exc.code or 500, code, message)
+        if exc.code == 413:  # the body was left unread: the connection cannot be reused
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(DatabaseUnavailable)
     async def on_db_down(exc: DatabaseUnavailable) -> Response:

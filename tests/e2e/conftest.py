@@ -96,6 +96,8 @@ def start_taskd(database_url: str) -> Iterator[Callable[..., TaskdProcess]]:
     yield start
     for process in started:
         process.close()
+        # Shown by pytest only when the test failed: what each server said.
+        print(f"--- output of taskd on port {process.port} ---\n{process.output}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
