@@ -1,15 +1,26 @@
 """The only module that imports asyncpg. Every call crosses into asyncio through
 trio_asyncio.aio_as_trio (one crossing per call: each costs ~300 µs of CPU, so
-callers batch), and asyncpg's errors come out as taskd's.
+callers batch), and every error the driver raises comes out classified, here
+and nowhere else, as one of taskd's:
 
+- DatabaseUnavailable: try again later (the server is down, restarting, out of
+  connections, or the connection broke; asyncpg may report a connection closed
+  under it as InternalClientError, "another operation is in progress").
+- DatabaseError: the database, or the driver before sending, refused this
+  statement; sending it again will not help.
+
+A connection that raised anything but a server-side refusal is in an unknown
+state and is closed by its owner, never reused.
 Imports taskd.sql and taskd.errors.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -23,31 +34,58 @@ log = logging.getLogger("taskd.db")
 
 CLOSE_TIMEOUT = 5.0
 _METHOD = {"one": "fetchrow", "many": "fetch", "val": "fetchval", "exec": "execute"}
-# Errors that mean the connection or server is gone rather than the statement wrong.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.InvalidCatalogNameError,
-    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
-    asyncpg.exceptions.InvalidPasswordError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    ConnectionError,
-    TimeoutError,
-)
+
+# SQLSTATE classes and codes that say "not now" rather than "not this statement":
+# connection exceptions, insufficient resources, operator intervention (shutdown,
+# cancel, cannot connect now), and the transaction rollbacks a retry resolves.
+_UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+# 3D000 (no such database) too: a database being created is waited for. A wrong
+# password (28P01) is not: it will not fix itself.
+_UNAVAILABLE_CODES = frozenset({"40001", "40P01", "3D000"})
+
+
+def _is_unavailable_state(sqlstate: str | None) -> bool:
+    if not sqlstate:
+        return False
+    return sqlstate[:2] in _UNAVAILABLE_CLASSES or sqlstate in _UNAVAILABLE_CODES
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def classify(exc: BaseException) -> DatabaseError | None:
+    """taskd's error for something the driver raised, or None if it is not the driver's."""
+    if isinstance(exc, asyncpg.PostgresError):
+        if _is_unavailable_state(getattr(exc, "sqlstate", None)):
+            return DatabaseUnavailable(_describe(exc))
+        return DatabaseError(_describe(exc))
+    # Client-side refusals: an argument the driver cannot encode, a bad setting.
+    if isinstance(exc, asyncpg.exceptions._base.DataError | asyncpg.exceptions.ClientConfigurationError):
+        return DatabaseError(_describe(exc))
+    # The rest of the driver's own errors leave the connection in an unknown state:
+    # a closed connection, a protocol error after the server went away (asyncpg
+    # issue 1069), an operation already in progress. All mean "reconnect and retry".
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.exceptions._base.InternalClientError):
+        return DatabaseUnavailable(_describe(exc))
+    if isinstance(exc, ssl.SSLError):  # a bad certificate, key or key password: a setting to fix
+        return DatabaseError(_describe(exc))
+    if isinstance(exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError | EOFError):
+        return DatabaseUnavailable(_describe(exc) or "connection failed")
+    return None
 
 
 @contextlib.contextmanager
-def _translated() -> Any:
+def _translated() -> Iterator[None]:
     try:
         yield
-    except _UNAVAILABLE as exc:
-        raise DatabaseUnavailable(f"database unavailable: {exc}") from exc
-    except asyncpg.PostgresError as exc:
-        raise DatabaseError(f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        mapped = classify(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc
 
 
 async def _run(target: Any, query: Query, args: Sequence[Any]) -> Any:
@@ -113,7 +151,14 @@ class Pool:
         self._raw = raw
 
     async def run(self, query: Query, *args: Any) -> Any:
-        return await _run(self._raw, query, args)
+        try:
+            return await _run(self._raw, query, args)
+        except DatabaseUnavailable:
+            # After a restart every idle connection is dead too: have them all
+            # replaced on their next use rather than failing one request each.
+            with contextlib.suppress(Exception):
+                await trio_asyncio.aio_as_trio(self._raw.expire_connections)()
+            raise
 
     def usage(self) -> dict[str, int]:
         size = self._raw.get_size()
@@ -139,15 +184,26 @@ async def connect(
     command_timeout: float = COMMAND_TIMEOUT,
 ) -> Connection:
     """Open one dedicated connection (with session settings, if given)."""
-    with _translated():
+    with _translated(), _url_checked():
         raw = await trio_asyncio.aio_as_trio(asyncpg.connect)(
             url, timeout=connect_timeout, server_settings=server_settings, command_timeout=command_timeout)
     return Connection(raw)
 
 
+@contextlib.contextmanager
+def _url_checked() -> Iterator[None]:
+    # asyncpg parses the URL itself and raises plain ValueErrors for what it cannot read.
+    try:
+        yield
+    except (ValueError, TypeError, UnicodeError, OverflowError, IndexError) as exc:
+        if classify(exc) is not None:
+            raise
+        raise DatabaseError(f"invalid database URL: {_describe(exc)}") from exc
+
+
 async def create_pool(url: str, *, size: int, connect_timeout: float = 10.0) -> Pool:
     """Open a pool of up to `size` connections (two kept open)."""
-    with _translated():
+    with _translated(), _url_checked():
         raw = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(
             url, min_size=min(2, size), max_size=size, timeout=connect_timeout, command_timeout=COMMAND_TIMEOUT
         )
