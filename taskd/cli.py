@@ -1,8 +1,9 @@
 """Command line: flags, then the environment, then ./.env, then defaults -> Settings;
 logging; task modules; the database (embedded unless DATABASE_URL); then the server.
 
-Exit status: 0 after a clean shutdown, 1 when the database or the port cannot be
-had, 2 for an invalid setting. Errors a user can fix are one line, no traceback.
+Exit status: 0 after a clean shutdown, and after SIGTERM or SIGINT at any point of
+start-up (a stop asked for is a clean stop); 1 when the database or the port cannot
+be had; 2 for an invalid setting. Errors a user can fix are one line, no traceback.
 """
 
 from __future__ import annotations
@@ -20,15 +21,20 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
-from typing import NoReturn
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
 from taskd import builtin_tasks  # noqa: F401  (registers echo, sleep, data_processing)
-from taskd.config import SETTINGS, Settings, parse_dotenv, parse_settings
-from taskd.errors import ConfigError, DatabaseError, DatabaseUnavailable
+from taskd.config import SETTINGS, Settings, load_settings, redacted_url
+from taskd.errors import ConfigError, DatabaseError, DatabaseUnavailable, StartupCancelled
 from taskd.registry import Registry, default_registry
+
+if TYPE_CHECKING:
+    from taskd.embedded import EmbeddedDatabase
 
 PROG = "taskd"
 
@@ -62,15 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def gather_settings(argv: Sequence[str] | None, environ: dict[str, str], cwd: pathlib.Path) -> Settings:
-    """Merge the sources in precedence order and validate once."""
+    """Merge the sources in precedence order and validate once: the flags over load_settings' rule."""
     args = build_parser().parse_args(argv)
-    raw: dict[str, str] = {}
-    dotenv = cwd / ".env"
-    if dotenv.is_file():
-        raw.update(parse_dotenv(dotenv.read_text(encoding="utf-8")))
-    raw.update({s.env: environ[s.env] for s in SETTINGS if s.env in environ and not s.internal})
-    raw.update({name: value for name, value in vars(args).items() if value is not None})
-    return parse_settings(raw)
+    flags = {name: value for name, value in vars(args).items() if value is not None}
+    return load_settings(environ, cwd, overrides=flags)
 
 
 def import_task_modules(settings: Settings, registry: Registry) -> None:
@@ -92,7 +93,66 @@ def configure_logging(level: str) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class StopSignals:
+    """SIGTERM and SIGINT from the start until the server's own handling takes over, and after it.
+
+    SIGINT keeps Python's meaning (KeyboardInterrupt; inside trio.run, trio's safe
+    delivery of it), and SIGTERM is made to mean the same, so either one ends
+    start-up by an exception that `main` turns into one line and status 0. While
+    the embedded PostgreSQL starts they are only recorded: cutting initdb or
+    pg_ctl short could leave a data folder that never starts again."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._deferring = False
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received or signal.SIGINT).name
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        if self._deferring:
+            return
+        interrupt = signal.getsignal(signal.SIGINT)
+        if callable(interrupt):
+            interrupt(signal.SIGINT, frame)  # Python's, or trio's inside trio.run
+        else:
+            raise KeyboardInterrupt  # SIGINT is ignored (nohup): still, SIGTERM asks for a stop
+
+    def _record(self, signum: int, _frame: FrameType | None) -> None:
+        self.received = signum
+
+    def install(self) -> signal.Handlers | Callable[[int, FrameType | None], object] | int | None:
+        """Take SIGTERM over; returns the handler to give back."""
+        return signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Record SIGTERM and SIGINT only, for the caller to act on afterwards."""
+        previous = signal.signal(signal.SIGINT, self._record)
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    if threading.current_thread() is not threading.main_thread():
+        _main(argv, None)  # signals are the embedding program's business there
+    stop = StopSignals()
+    previous = stop.install()
+    try:
+        _main(argv, stop)
+    except KeyboardInterrupt:
+        stopped(f"stopped by {stop.name} during start-up")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _main(argv: Sequence[str] | None, stop: StopSignals | None) -> NoReturn:
     try:
         settings = gather_settings(argv, dict(os.environ), pathlib.Path.cwd())
         configure_logging(settings.log_level)
@@ -106,16 +166,19 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     url = settings.database_url
     banner = ""
     problem: str | None = None
+    stop_message: str | None = None
     try:
         if url is None:
-            from taskd.embedded import start_embedded
-
-            embedded = start_embedded(settings.data_dir)
+            embedded = start_embedded_unless_stopped(settings, stop)
             url = embedded.url
-            print(f"taskd: embedded PostgreSQL in {embedded.pgdata} at {url}", flush=True)
+            print(f"taskd: embedded PostgreSQL in {embedded.pgdata} at {redacted_url(url)}", flush=True)
             banner = " (embedded)"
         with http_siblings(settings, url, list(sys.argv[1:] if argv is None else argv)) as settings:
             trio.run(functools.partial(server.serve, settings, default_registry, url, banner=banner))
+    except* StartupCancelled as group:
+        stop_message = str(_first(group))
+    except* KeyboardInterrupt:
+        stop_message = f"stopped by {stop.name if stop else 'SIGINT'} during start-up"
     except* DatabaseUnavailable as group:
         problem = f"cannot reach the database: {_first(group)}"
     except* DatabaseError as group:
@@ -129,9 +192,39 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     finally:
         if embedded is not None:
             embedded.stop()
+    if stop_message is not None:  # a stop asked for wins over what failed as it was carried out
+        stopped(stop_message)
     if problem is not None:
         fail(1, problem)
     raise SystemExit(0)
+
+
+def stopped(message: str) -> NoReturn:
+    """A stop asked for by a signal before taskd was serving: one line, status 0."""
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(0)
+
+
+def start_embedded_unless_stopped(settings: Settings, stop: StopSignals | None) -> EmbeddedDatabase:
+    """Start the embedded PostgreSQL with signals held back; one that came meanwhile stops it again."""
+    from taskd.embedded import start_embedded
+
+    if stop is None:
+        return start_embedded(settings.data_dir)
+    embedded = None
+    with stop.deferred():
+        try:
+            embedded = start_embedded(settings.data_dir)
+        except DatabaseUnavailable:
+            # A Ctrl-C reaches initdb and pg_ctl too (one process group), which then fail.
+            if stop.received is None:
+                raise
+    if stop.received is not None:
+        if embedded is not None:
+            embedded.stop()
+        raise StartupCancelled(f"stopped by {stop.name} while the embedded PostgreSQL was starting")
+    assert embedded is not None
+    return embedded
 
 
 @contextlib.contextmanager

@@ -1,14 +1,20 @@
-"""Settings: what each one means, how its text is parsed and checked. No I/O.
+"""Settings: what each one means, how its text is parsed and checked; and the
+database URL's checks and its redacted form for printing.
 
-The CLI gathers raw text from flags, the environment and `.env` (in that order
-of precedence) and calls `parse_settings` once; the frozen `Settings` it returns
-is all the rest of taskd ever reads.
+`load_settings` gathers raw text from the environment and `./.env` (plus, for
+the CLI, its flags, which win) and calls `parse_settings` once; the frozen
+`Settings` it returns is all the rest of taskd ever reads. Reading `./.env` is
+the only I/O here. Imports taskd.errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
 import pathlib
+import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +43,15 @@ class Settings:
     wait_for_db: bool = False
     http_workers: int = 1
     listen_fd: int | None = None
+    max_crashes: int = 3
+    # 0 here means "not set": resolved below to twice the pool, so it is always a count once built.
+    max_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_threads == 0:
+            # Each worker may leave one abandoned thread behind after a timeout, hence twice; an
+            # API-only process (no workers) still gets one for the odd plain-def call.
+            object.__setattr__(self, "max_threads", max(1, 2 * self.worker_pool_size))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,13 +121,213 @@ def _modules(text: str) -> tuple[str, ...]:
     return names
 
 
+# The URL is read by asyncpg, not libpq: these checks are what asyncpg's parser and
+# connect() would otherwise fail on (with a ValueError, an OverflowError, an IndexError
+# or a ClientConfigurationError, each a 75-line traceback), found before anything runs.
+# No message quotes the URL, and one quotes a host, a port or a value only when `quote`
+# says no password can have run into it (an unescaped '/', '?' or '#' in a password
+# moves the rest of it into the port, the path or the query).
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_VERIFYING_SSL_MODES = ("require", "verify-ca", "verify-full")
+_TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+_CHOICES = {
+    "sslmode": _SSL_MODES,
+    "sslnegotiation": ("postgres", "direct"),
+    "ssl_min_protocol_version": _TLS_VERSIONS,
+    "ssl_max_protocol_version": _TLS_VERSIONS,
+    "target_session_attrs": ("any", "primary", "standby", "prefer-standby", "read-write", "read-only"),
+    "gsslib": ("gssapi", "sspi"),
+}
+# libpq connection options asyncpg does not read. It passes every option it does not know
+# to the server as a session setting, and the server refuses these at connect time.
+_LIBPQ_ONLY = frozenset({
+    "hostaddr", "connect_timeout", "fallback_application_name", "keepalives", "keepalives_idle",
+    "keepalives_interval", "keepalives_count", "tcp_user_timeout", "require_auth", "channel_binding",
+    "gssencmode", "gssdelegation", "requiressl", "sslcompression", "sslcertmode", "sslcrldir", "sslsni",
+    "sslkeylogfile", "requirepeer", "load_balance_hosts",
+})
+_ENCODE_HINT = "percent-encode '@', ':', '/', '?' and '#' in a user name or password"
+
+
+def _port_problem(text: str, *, quote: bool) -> str | None:
+    if not (text.isascii() and text.isdigit()):
+        return f"has a port that is not a number ({_ENCODE_HINT})"
+    if not 1 <= int(text) <= 65535:
+        shown = f"port {int(text)}" if quote else "a port"
+        return f"{shown} is out of range (1 to 65535)"
+    return None
+
+
+def _host_problem(host: str, *, quote: bool) -> str | None:
+    if host.startswith("/"):
+        return None  # a Unix-socket directory
+    if not host:
+        return f"has a port with no host name before it (an IPv6 address goes in brackets: [::1]:5432; {_ENCODE_HINT})"
+    try:
+        host.encode("idna")  # what the resolver will do with it; fails on an empty or over-long label
+    except UnicodeError:
+        shown = f"host name {host!r}" if quote else "a host name"
+        return f"{shown} is not valid (each dot-separated part is 1 to 63 characters)"
+    return None
+
+
+def _host_list_problem(hosts: str, *, encoded: bool, quote: bool) -> str | None:
+    """What asyncpg cannot use in `host1:port1,host2:port2` (libpq's multi-host form)."""
+    for spec in hosts.split(","):
+        if not spec:
+            return "has an empty entry in its host list"
+        if spec.startswith("/"):
+            continue  # asyncpg takes a leading '/' as a socket directory, ':' and all
+        if spec.startswith("["):
+            match = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", spec)
+            if match is None:
+                return "has an IPv6 address that is not [address] or [address]:port"
+            host, port = match.group(1), match.group(2) or ""
+            try:
+                ipaddress.ip_address(urllib.parse.unquote(host))
+            except ValueError:
+                return "has something in [brackets] that is not an IPv6 address"
+        else:
+            host, _, port = spec.partition(":")
+            if encoded:
+                host, port = urllib.parse.unquote(host), urllib.parse.unquote(port)
+            problem = _host_problem(host, quote=quote)
+            if problem:
+                return problem
+        if port:
+            problem = _port_problem(port, quote=quote)
+            if problem:
+                return problem
+    return None
+
+
+def _query_problem(query: str, *, has_hosts: bool, quote: bool) -> str | None:
+    try:
+        fields = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        return "has a query field that is not name=value (percent-encode '&', '=' and '#' inside a value)"
+    # asyncpg drops blank values and keeps the last of repeated names.
+    options = {name: value for name, value in fields if value}
+    for name in options:
+        if name in _LIBPQ_ONLY:
+            return f"{name} is a libpq option that asyncpg (taskd's driver) does not support; remove it"
+        if name == "ssl":
+            return "ssl is not a connection option; use sslmode=require (or verify-full)"
+    for name, allowed in _CHOICES.items():
+        value = options.get(name)
+        if value is not None and value not in allowed and value.replace("_", "-") not in allowed:
+            return f"{name} must be one of {', '.join(allowed)}" + (f", got {value!r}" if quote else "")
+    if options.get("sslnegotiation") == "direct" and options.get("sslmode", "").replace("_", "-") not in (
+            _VERIFYING_SSL_MODES):
+        return "sslnegotiation=direct needs sslmode=require, verify-ca or verify-full in the URL"
+    ports = options.get("port")
+    if ports is not None:
+        for port in ports.split(","):
+            problem = _port_problem(port, quote=quote)
+            if problem:
+                return problem
+    hosts = options.get("host")
+    if hosts is not None:
+        problem = _host_list_problem(hosts, encoded=False, quote=quote)
+        if problem:
+            return problem
+    if ports is not None and "," in ports and not has_hosts:
+        # asyncpg uses the query's ports only when the URL names no host before the path.
+        host_count = len(hosts.split(",")) if hosts else 0
+        if host_count != len(ports.split(",")):
+            return f"port lists {len(ports.split(','))} ports for {host_count or 'no'} hosts"
+    return None
+
+
+def database_url_problem(url: str) -> str | None:
+    """What in a postgresql:// URL asyncpg could not use, in words that never quote a password; None if fine."""
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        return "must not contain spaces or control characters (percent-encode them: a space is %20)"
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("postgresql", "postgres"):
+        return "must start with postgresql:// or postgres://"
+    if "#" in url:
+        return f"has a '#' ({_ENCODE_HINT})"
+    try:
+        parts = urllib.parse.urlparse(url)
+    except ValueError:
+        return "has a host part that cannot be read (an IPv6 address is written [::1] or [::1]:5432)"
+    if "@" in parts.path:
+        return f"has an '@' after the host ({_ENCODE_HINT}; an '@' in a database name is %40)"
+    # asyncpg splits user from host at the first '@', a URL parser at the last: two of
+    # them would send the rest of the password to the resolver as a host name.
+    _, at, hosts = parts.netloc.partition("@")
+    if not at:
+        hosts = parts.netloc
+    if "@" in hosts:
+        return f"has more than one '@' before the host ({_ENCODE_HINT})"
+    # Without '@' before the host an '@' further on means the password ran into the
+    # path or the query; quote nothing from the host part then.
+    quote = bool(at) or "@" not in rest
+    if hosts:
+        problem = _host_list_problem(hosts, encoded=True, quote=quote)
+        if problem:
+            return problem
+    if parts.query:
+        return _query_problem(parts.query, has_hosts=bool(hosts), quote=quote)
+    return None
+
+
 def _database_url(text: str) -> str | None:
     url = text.strip()
     if not url:
         return None
-    if not url.startswith(("postgresql://", "postgres://")):
-        raise ValueError("must start with postgresql:// or postgres://")
+    problem = database_url_problem(url)
+    if problem:
+        raise ValueError(problem)
     return url
+
+
+# Query options whose value is a secret; matched in any case, after percent-decoding.
+_SECRET_WORDS = ("password", "secret", "token")
+# host[:port] or [v6]:port, comma-separated: what a netloc with no '@' should look like.
+_HOST_PORT = r"(?:\[[^\]]*\]|[^:,\[]*)(?::[0-9]*)?"
+_PLAIN_HOSTS = re.compile(rf"{_HOST_PORT}(?:,{_HOST_PORT})*")
+
+
+def _redacted_query(query: str) -> str:
+    fields: list[str] = []
+    for field in query.split("&"):
+        name, eq, _value = field.partition("=")
+        key = urllib.parse.unquote_plus(name).strip().lower()
+        if not eq:
+            fields.append("***" if field else field)  # not name=value: maybe a piece of a password
+        elif any(word in key for word in _SECRET_WORDS):
+            fields.append(f"{name}=***")
+        else:
+            fields.append(field)
+    return "&".join(fields)
+
+
+def redacted_url(url: str) -> str:
+    """The URL with every password in it (user:password@, ?password=, ?sslpassword=, ...) shown as ***."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***" if url else url
+    ends = [i for i in (rest.find(ch) for ch in "/?#") if i >= 0]
+    end = min(ends, default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    tail, hash_, fragment = tail.partition("#")
+    path, question, query = tail.partition("?")
+    if "@" in netloc:
+        # Up to the last '@', so that a raw '@' in a password is hidden with the rest of it.
+        userinfo, _, hosts = netloc.rpartition("@")
+        user, colon, password = userinfo.partition(":")
+        netloc = f"{user}:***@{hosts}" if colon and password else netloc
+    elif "@" in path or "@" in fragment or not _PLAIN_HOSTS.fullmatch(netloc):
+        # A password holding '/', '?' or '#' cut the URL short: where it ends is anyone's guess.
+        return f"{scheme}://***"
+    shown = f"{scheme}://{netloc}{path}"
+    if question:
+        shown += f"?{_redacted_query(query)}"
+    if hash_:
+        shown += "#***"
+    return shown
 
 
 def _host(text: str) -> str:
@@ -161,6 +376,12 @@ SETTINGS: tuple[Setting, ...] = (
             "processes serving HTTP on the same port (default 1); the extra ones run no task workers"),
     Setting("LISTEN_FD", ("--listen-fd",), _int(0, 65535),
             "serve HTTP on this inherited listening socket (set by --http-workers)", internal=True),
+    Setting("MAX_CRASHES", ("--max-crashes",), _int(1, 1000),
+            "a task whose process died (or lost its lease) while running it, or whose quarantined run crashed, "
+            "this many times ends failed (default 3)"),
+    Setting("MAX_THREADS", ("--max-threads",), _int(1, 100_000),
+            "threads plain-def handlers may occupy, abandoned ones still running after a timeout included "
+            "(default twice WORKER_POOL_SIZE, at least 1)"),
 )
 
 
@@ -175,6 +396,32 @@ def parse_settings(raw: Mapping[str, str]) -> Settings:
         except ValueError as exc:
             raise ConfigError(setting.env, str(exc)) from None
     return Settings(**values)
+
+
+_PUBLIC = frozenset(s.env for s in SETTINGS if not s.internal)
+_INTERNAL = frozenset(s.env for s in SETTINGS if s.internal)
+
+
+def load_settings(environ: Mapping[str, str] | None = None, cwd: pathlib.Path | None = None, *,
+                  overrides: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment, then `cwd/.env`, then the defaults, as `python -m taskd` reads them.
+
+    `overrides` (raw text keyed by environment name: the CLI's flags) win over both."""
+    environ = os.environ if environ is None else environ
+    dotenv = (pathlib.Path.cwd() if cwd is None else cwd) / ".env"
+    raw: dict[str, str] = {}
+    if dotenv.is_file():
+        try:
+            text = dotenv.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(".env", f"{dotenv} is not UTF-8 text") from None
+        except OSError as exc:
+            raise ConfigError(".env", f"cannot read {dotenv}: {exc.strerror or exc}") from None
+        raw.update(parse_dotenv(text))
+    raw.update({name: value for name, value in environ.items() if name in _PUBLIC})
+    raw = {name: value for name, value in raw.items() if name not in _INTERNAL}
+    raw.update(overrides or {})
+    return parse_settings(raw)
 
 
 def parse_dotenv(text: str) -> dict[str, str]:

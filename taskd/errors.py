@@ -5,7 +5,8 @@
     ├── SqlFileError           a file under sql/ is malformed, or a needed query is missing
     ├── DatabaseError          the database failed a statement
     │   └── DatabaseUnavailable  the database cannot be reached
-    └── InvalidTask            a task submitted by a client is not acceptable (HTTP 422)
+    ├── InvalidTask            a task submitted by a client is not acceptable (HTTP 422)
+    └── StartupCancelled       SIGTERM/SIGINT before taskd was serving (the CLI exits 0 with one line)
 """
 
 from __future__ import annotations
@@ -43,3 +44,7 @@ class InvalidTask(TaskdError):
         super().__init__(message)
         self.message = message
         self.field = field
+
+
+class StartupCancelled(TaskdError):
+    """A stop was asked for (SIGTERM/SIGINT) before taskd was serving; a clean stop, not a failure."""
