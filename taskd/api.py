@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
@@ -30,9 +30,10 @@ from werkzeug.exceptions import HTTPException
 from taskd.coalescer import CoalescerClosed
 from taskd.config import Settings
 from taskd.errors import DatabaseError, DatabaseUnavailable, InvalidTask
-from taskd.models import Task, TaskStatus, WorkerGauge
+from taskd.models import Task, TaskPage, TaskStatus, TaskSummary, WorkerGauge
 from taskd.registry import Registry
 from taskd.schemas import (
+    FULL_PAGE_BYTES,
     BatchCreated,
     BatchIn,
     DetailedStatsOut,
@@ -43,8 +44,8 @@ from taskd.schemas import (
     StatsOut,
     TaskCreated,
     TaskIn,
+    TaskListOut,
     TaskOut,
-    TaskPage,
     WaitQuery,
 )
 from taskd.store import Store
@@ -79,22 +80,69 @@ def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def task_json(task: Task) -> dict[str, Any]:
+def _dump(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _object_parts(fields: Iterable[tuple[str, str]]) -> list[str]:
+    """The pieces of a JSON object whose values are JSON text already (keys are taskd's own, plain)."""
+    parts = ["{"]
+    for key, value in fields:
+        parts += [f'"{key}":', value, ","]
+    parts[-1] = "}"
+    return parts
+
+
+def task_json_parts(task: Task) -> list[str]:
+    """A task as pieces of JSON text: payload, result and errors are PostgreSQL's jsonb text,
+    spliced in undecoded, and kept as they are (not copied) until the response is joined."""
+    return _object_parts((
+        ("id", str(task.id)),
+        ("task_type", _dump(task.task_type)),
+        ("status", _dump(task.status.value)),
+        ("payload", task.payload_json),
+        ("result", task.result_json or "null"),
+        ("attempts", str(task.attempts)),
+        ("max_retries", str(task.max_retries)),
+        ("crashes", str(task.crashes)),
+        ("timeout_seconds", _dump(task.timeout_seconds)),
+        ("created_at", _dump(_iso(task.created_at))),
+        ("started_at", _dump(_iso(task.started_at))),
+        ("finished_at", _dump(_iso(task.finished_at))),
+        ("last_error", task.last_error_json or "null"),
+        ("errors", task.errors_json),
+    ))
+
+
+def summary_json(task: TaskSummary) -> dict[str, Any]:
     return {
         "id": task.id,
         "task_type": task.task_type,
         "status": task.status.value,
-        "payload": task.payload,
-        "result": task.result,
         "attempts": task.attempts,
         "max_retries": task.max_retries,
-        "timeout_seconds": task.timeout_seconds,
+        "crashes": task.crashes,
         "created_at": _iso(task.created_at),
         "started_at": _iso(task.started_at),
         "finished_at": _iso(task.finished_at),
-        "last_error": task.last_error,
-        "errors": task.errors,
+        "last_error": {"type": task.error_type, "message": task.error_message} if task.has_error else None,
     }
+
+
+def _full_page_text(page: TaskPage) -> str:
+    parts = ['{"items":[']
+    for task in page.tasks:
+        parts += task_json_parts(task)
+        parts.append(",")
+    if page.tasks:
+        parts.pop()
+    cursor = None if page.next_before_id is None else str(page.next_before_id)
+    parts += ['],"next_cursor":', _dump(cursor), "}"]
+    return "".join(parts)
+
+
+def _json_text(text: str, status: int = 200) -> Response:
+    return Response(text, status=status, headers=JSON_HEADERS)
 
 
 def _validation_details(exc: ValidationError, prefix: Sequence[str | int] = ()) -> list[dict[str, Any]]:
@@ -265,7 +313,7 @@ def create_app(store: Store, registry: Registry, settings: Settings, gauge: Work
         task = await store.get(_task_id(task_id))
         if task is None:
             raise ApiError(404, "not_found", f"no task with id {task_id}")
-        return _json(task_json(task))
+        return _json_text("".join(task_json_parts(task)))
 
     @app.get("/tasks/<int:task_id>/result")
     @document_querystring(WaitQuery)
@@ -279,27 +327,42 @@ def create_app(store: Store, registry: Registry, settings: Settings, gauge: Work
         if task is None:
             raise ApiError(404, "not_found", f"no task with id {task_id}")
         if task.status == TaskStatus.COMPLETED:
-            return _json({"id": task.id, "status": task.status.value, "result": task.result})
+            return _json_text("".join(_object_parts((
+                ("id", str(task.id)), ("status", _dump(task.status.value)), ("result", task.result_json or "null")))))
         if task.status == TaskStatus.FAILED:
-            return _json({"id": task.id, "status": task.status.value, "error": task.last_error})
+            return _json_text("".join(_object_parts((
+                ("id", str(task.id)), ("status", _dump(task.status.value)),
+                ("error", task.last_error_json or "null")))))
         return _json({"id": task.id, "status": task.status.value}, 202)
 
     @app.get("/tasks")
     @document_querystring(ListQuery)
-    @document_response(TaskPage)
+    @document_response(TaskListOut)
     async def list_tasks() -> Response:
-        """Tasks, newest first, filtered by status and task_type, a page at a time (keyset cursor)."""
+        """Tasks, newest first, filtered by status and task_type, a page at a time (keyset cursor).
+
+        Summaries by default: no payload, result or error history, and of the last error only its type
+        and the first 500 characters of its message. With ?full=true, full tasks; such a page is cut
+        short after about 8 MB of JSON (it still holds at least one task, however large) and then
+        carries a next_cursor to the rest.
+        """
         query = _query(ListQuery)
         before: int | None = None
         if query.cursor is not None:
             if not _DIGITS.fullmatch(query.cursor) or not 1 <= int(query.cursor) <= MAX_ID:
                 raise ApiError(422, "invalid_query", "cursor: must be a next_cursor from an earlier page")
             before = int(query.cursor)
-        tasks = await store.list_tasks(
-            status=query.status.value if query.status else None, task_type=query.task_type,
-            before_id=before, limit=query.limit)
-        next_cursor = str(tasks[-1].id) if len(tasks) == query.limit else None
-        return _json({"items": [task_json(t) for t in tasks], "next_cursor": next_cursor})
+        status = query.status.value if query.status else None
+        if query.full:
+            page = await store.list_tasks(status=status, task_type=query.task_type, before_id=before,
+                                          limit=query.limit, max_bytes=FULL_PAGE_BYTES)
+            text = _full_page_text(page)
+            del page  # the rows' text is in `text` now: hold one copy, not two, while encoding
+            return _json_text(text)
+        summaries = await store.list_summaries(status=status, task_type=query.task_type, before_id=before,
+                                               limit=query.limit)
+        next_cursor = str(summaries[-1].id) if len(summaries) == query.limit else None
+        return _json({"items": [summary_json(t) for t in summaries], "next_cursor": next_cursor})
 
     @app.delete("/tasks/<int:task_id>")
     @document_response(ErrorOut, 404)

@@ -1,45 +1,42 @@
 """Enqueue from your own code, inside your own transaction: `await taskd.enqueue(conn, ...)`
 with an asyncpg connection, from asyncio (under trio, wrap it in trio_asyncio.aio_as_trio).
-The task is inserted by the same named statement the HTTP API uses, so it
-commits or rolls back with your transaction and wakes the workers at commit.
+The task is validated and its limits resolved by the same function as the HTTP API's
+(the task's own, then its handler's, then the server settings found in the
+environment and ./.env), and inserted by the same named statement, so it commits or
+rolls back with your transaction and wakes the workers at commit.
 
-Imports taskd.sql, taskd.registry, taskd.config, taskd.models, taskd.errors, taskd.jsontext.
+Imports taskd.sql, taskd.registry, taskd.builtin_tasks, taskd.config, taskd.models.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
-from taskd import jsontext, sql
-from taskd.config import Settings
-from taskd.errors import InvalidTask
+from taskd import (
+    builtin_tasks,  # noqa: F401  (the built-in types are known here too)
+    sql,
+)
+from taskd.config import Settings, load_settings
 from taskd.models import NewTask
-from taskd.registry import MAX_RETRIES_LIMIT, MAX_TIMEOUT, default_registry
+from taskd.registry import Registry, default_registry
 
-_DEFAULTS = Settings()
+
+@functools.cache
+def _environment_settings() -> Settings:
+    return load_settings()
 
 
 def prepare(task_type: str, payload: Any = None, *, max_retries: int | None = None,
-            timeout_seconds: float | None = None) -> NewTask:
-    """Validate one task for insertion; the type need not be registered in this process."""
-    if not isinstance(task_type, str) or not task_type:
-        raise InvalidTask("task_type must be a non-empty string", field="task_type")
-    if max_retries is not None and (isinstance(max_retries, bool) or not 0 <= max_retries <= MAX_RETRIES_LIMIT):
-        raise InvalidTask(f"max_retries must be between 0 and {MAX_RETRIES_LIMIT}", field="max_retries")
-    if timeout_seconds is not None and not 0 < timeout_seconds <= MAX_TIMEOUT:
-        raise InvalidTask(f"timeout_seconds must be > 0 and <= {MAX_TIMEOUT:g}", field="timeout_seconds")
-    payload = {} if payload is None else payload
-    if default_registry.get(task_type) is not None:
-        return default_registry.new_task(_DEFAULTS, task_type, payload, max_retries=max_retries,
-                                         timeout_seconds=timeout_seconds)
-    try:
-        payload_json = jsontext.dumps(payload)
-    except jsontext.NotJsonError as exc:
-        raise InvalidTask(f"payload cannot be stored as JSON: {exc}", field="payload") from None
-    return NewTask(task_type, payload_json,
-                   _DEFAULTS.max_retries if max_retries is None else max_retries,
-                   float(_DEFAULTS.task_timeout if timeout_seconds is None else timeout_seconds))
+            timeout_seconds: float | None = None, settings: Settings | None = None,
+            registry: Registry = default_registry) -> NewTask:
+    """Validate one task for insertion exactly as the API does (InvalidTask if it would refuse it).
+
+    The task type must be registered in this process (import your handlers' module), since
+    its handler's limits are the defaults; `settings` defaults to the environment's."""
+    return registry.new_task(settings or _environment_settings(), task_type, {} if payload is None else payload,
+                             max_retries=max_retries, timeout_seconds=timeout_seconds)
 
 
 async def enqueue_many(conn: Any, tasks: Sequence[NewTask]) -> list[int]:

@@ -13,7 +13,7 @@ import logging
 import trio
 
 from taskd.config import Settings
-from taskd.errors import DatabaseError
+from taskd.errors import DatabaseError, DatabaseUnavailable
 from taskd.models import TaskStatus
 from taskd.store import Store
 
@@ -28,12 +28,15 @@ async def rescue_loop(store: Store, settings: Settings) -> None:
     """Requeue or fail tasks whose process stopped renewing their lease, forever."""
     while True:
         try:
-            rescued = await store.rescue_expired()
+            rescued = await store.rescue_expired(settings.max_crashes)
             for task_id, status in rescued:
-                verb = "failed (no retries left)" if status == TaskStatus.FAILED else "requeued"
+                verb = (f"failed: its process died under it {settings.max_crashes} times"
+                        if status == TaskStatus.FAILED else "requeued")
                 log.warning("task %d: its process's lease expired; %s", task_id, verb)
             await store.prune_processes(older_than=max(60.0, 10 * settings.lease_seconds))
+        except DatabaseUnavailable as exc:
+            log.debug("rescuing expired leases failed: %s", exc)  # the outage is reported once, by the store
         except DatabaseError as exc:
-            log.warning("rescuing expired leases failed: %s", exc)
+            log.error("rescuing expired leases failed: %s", exc)
         await trio.sleep(rescue_interval(settings.lease_seconds))
 

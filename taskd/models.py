@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import json
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -46,10 +48,16 @@ class ClaimedTask:
 
     id: int
     task_type: str
-    payload: Any
+    payload_json: str  # decoded inside the attempt, where a row that cannot be read fails only its task
     attempt: int
     max_retries: int
     timeout_seconds: float
+    crashes: int = 0  # earlier attempts cut short by a dying process; they do not spend retries
+
+    @property
+    def retries_used(self) -> int:
+        """Failed attempts before this one that count against max_retries."""
+        return self.attempt - 1 - self.crashes
 
 
 @dataclasses.dataclass(slots=True)
@@ -68,29 +76,87 @@ class Outcome:
     error_json: str | None = None
     retry_delay: float = 0.0
     may_retry: bool = False  # retries remain, should this outcome turn out unstorable
+    crashed: bool = False  # the attempt took its (quarantine) process down: counts as a crash, not a retry
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Task:
-    """A task as a client sees it."""
+    """A task as a client sees it.
+
+    payload, result, last_error and errors are kept as the JSON text PostgreSQL
+    wrote, and the API splices that text into its responses undecoded: decoding
+    only to encode again costs memory, and a row another producer wrote may nest
+    deeper than json.loads can go. The properties decode them for callers that
+    want values.
+    """
 
     id: int
     task_type: str
     status: TaskStatus
-    payload: Any
-    result: Any
+    payload_json: str
+    result_json: str | None
     attempts: int
     max_retries: int
+    crashes: int
     timeout_seconds: float
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
-    last_error: dict[str, Any] | None
-    errors: list[dict[str, Any]]
+    last_error_json: str | None
+    errors_json: str
 
     @property
     def finished(self) -> bool:
         return self.status in FINISHED
+
+    @property
+    def payload(self) -> Any:
+        return json.loads(self.payload_json)
+
+    @property
+    def result(self) -> Any:
+        return None if self.result_json is None else json.loads(self.result_json)
+
+    @property
+    def last_error(self) -> Any:
+        return None if self.last_error_json is None else json.loads(self.last_error_json)
+
+    @property
+    def errors(self) -> Any:
+        return json.loads(self.errors_json)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskSummary:
+    """What a listing shows of a task by default: no payload, result or error history,
+    and of the last error only its type and the start of its message."""
+
+    id: int
+    task_type: str
+    status: TaskStatus
+    attempts: int
+    max_retries: int
+    crashes: int
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    has_error: bool  # there is a last error (its type and message may still be null)
+    error_type: str | None
+    error_message: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaskPage:
+    """Full tasks, newest first, and the cursor to the rest of the listing (None at its end)."""
+
+    tasks: list[Task]
+    next_before_id: int | None
+
+    def __iter__(self) -> Iterator[Task]:
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
 
 
 @dataclasses.dataclass(slots=True)

@@ -21,6 +21,7 @@ from taskd.models import NewTask
 
 MAX_TIMEOUT = 7 * 86_400.0
 MAX_RETRIES_LIMIT = 1000
+MAX_TYPE_CHARS = 200
 
 
 class TaskContext:
@@ -112,7 +113,18 @@ class Registry:
         max_retries: int | None = None,
         timeout_seconds: float | None = None,
     ) -> NewTask:
-        """Check a submitted task against the registry and resolve its defaults (task, then handler, then settings)."""
+        """Check a submitted task against the registry and resolve its defaults (task, then
+        handler, then settings). The one rule for every way in: the HTTP API and taskd.enqueue."""
+        if not isinstance(task_type, str) or not 1 <= len(task_type) <= MAX_TYPE_CHARS:
+            raise InvalidTask(f"task_type must be a string of 1 to {MAX_TYPE_CHARS} characters", field="task_type")
+        if not isinstance(payload, dict):
+            raise InvalidTask(f"payload must be a JSON object, not {type(payload).__name__}", field="payload")
+        if max_retries is not None and (type(max_retries) is not int or not 0 <= max_retries <= MAX_RETRIES_LIMIT):
+            raise InvalidTask(f"max_retries must be a whole number from 0 to {MAX_RETRIES_LIMIT}", field="max_retries")
+        if timeout_seconds is not None and (
+                isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, int | float)
+                or not 0 < timeout_seconds <= MAX_TIMEOUT):
+            raise InvalidTask(f"timeout_seconds must be > 0 and <= {MAX_TIMEOUT:g}", field="timeout_seconds")
         handler = self._handlers.get(task_type)
         if handler is None:
             known = ", ".join(self.names()) or "none"

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from taskd.models import TaskStatus
 
 MAX_BATCH = 1000
 MAX_TIMEOUT_SECONDS = 7 * 86_400
+# A ?full=true page of GET /tasks is cut short at about this much JSON (never below one task).
+FULL_PAGE_BYTES = 8 * 1024 * 1024
 
 
 class TaskIn(BaseModel):
@@ -54,6 +56,8 @@ class AttemptError(BaseModel):
 
 
 class TaskOut(BaseModel):
+    """A task, with its payload, result and every attempt's error."""
+
     id: int
     task_type: str
     status: TaskStatus
@@ -61,6 +65,7 @@ class TaskOut(BaseModel):
     result: Any = None
     attempts: int
     max_retries: int
+    crashes: int = Field(description="attempts cut short by a dying process; they do not spend retries")
     timeout_seconds: float
     created_at: str
     started_at: str | None
@@ -69,9 +74,34 @@ class TaskOut(BaseModel):
     errors: list[AttemptError]
 
 
-class TaskPage(BaseModel):
-    items: list[TaskOut]
-    next_cursor: str | None = Field(description="pass as ?cursor= for the next (older) page; null at the end")
+class ErrorSummary(BaseModel):
+    type: str | None
+    message: str | None = Field(description="the first 500 characters of the message")
+
+
+class TaskSummaryOut(BaseModel):
+    """What GET /tasks lists by default: no payload, result or error history."""
+
+    id: int
+    task_type: str
+    status: TaskStatus
+    attempts: int
+    max_retries: int
+    crashes: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    last_error: ErrorSummary | None
+
+
+class TaskListOut(BaseModel):
+    """A page of tasks, newest first: summaries, or full tasks with ?full=true."""
+
+    items: list[TaskSummaryOut] | list[TaskOut] = Field(
+        description="summaries by default; full tasks with ?full=true")
+    next_cursor: str | None = Field(
+        description="pass as ?cursor= for the next (older) page; null at the end. A full page is cut short "
+                    f"after about {FULL_PAGE_BYTES // 2**20} MB of tasks (at least one) and then has a next_cursor")
 
 
 class ListQuery(BaseModel):
@@ -79,6 +109,17 @@ class ListQuery(BaseModel):
     task_type: str | None = None
     limit: int = Field(100, ge=1, le=1000)
     cursor: str | None = None
+    full: bool = Field(
+        False, description="true: full tasks (payload, result, errors), the page cut short after about "
+                           f"{FULL_PAGE_BYTES // 2**20} MB with a next_cursor; false (default): summaries")
+
+    @field_validator("full", mode="before")
+    @classmethod
+    def _true_or_false(cls, value: Any) -> Any:
+        # pydantic alone would also take 1, yes, on, t...: accept only what the documentation shows.
+        if not isinstance(value, bool) and value not in ("true", "false"):
+            raise ValueError("must be true or false")
+        return value
 
 
 class WaitQuery(BaseModel):

@@ -25,10 +25,10 @@ import trio
 import trio_asyncio
 from hypercorn.config import Config as HypercornConfig
 
-from taskd import maintenance
+from taskd import maintenance, startup
 from taskd.api import create_app
-from taskd.config import Settings
-from taskd.errors import DatabaseUnavailable
+from taskd.config import Settings, redacted_url
+from taskd.errors import DatabaseError
 from taskd.models import WorkerGauge
 from taskd.registry import Registry
 from taskd.store import Store
@@ -71,15 +71,6 @@ class Shutdown:
         scope.cancel()
 
 
-def safe_url(url: str) -> str:
-    """The database URL without its password, for printing."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if at and ":" in userinfo and userinfo.split(":", 1)[1]:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    return f"{scheme}{sep}{userinfo}{at}{host}"
-
-
 def _sibling_note(settings: Settings) -> str:
     return f"  http processes {settings.http_workers}" if settings.http_workers > 1 else ""
 
@@ -88,22 +79,10 @@ def _bind(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def open_store(settings: Settings, url: str) -> Store:
-    """Connect and migrate; with --wait-for-db keep trying while the database is unreachable."""
-    while True:
-        try:
-            return await Store.open(url, pool_size=settings.db_pool_size)
-        except DatabaseUnavailable as exc:
-            if not settings.wait_for_db:
-                raise
-            log.warning("waiting for the database (%s): %s", safe_url(url), exc)
-            await trio.sleep(1.0)
-
-
 async def serve(settings: Settings, registry: Registry, url: str, *, banner: str = "") -> None:
     """Run the API and the workers until a signal; returns after a clean shutdown."""
     async with trio_asyncio.open_loop():
-        store = await open_store(settings, url)
+        store = await startup.open_store(settings, url, connect=Store.open)
         try:
             await _run(store, settings, registry, url, banner)
         finally:
@@ -142,32 +121,59 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
                     async with receive:
                         for _ in range(settings.worker_pool_size):
                             work.start_soon(pool.work_loop, receive.clone())
-                    if settings.worker_pool_size:
-                        work.start_soon(pool.claim_loop, send)
-                    else:
-                        send.close()
-                    async with trio.open_nursery() as http:
-                        services.start_soon(shutdown.cut_short, http.cancel_scope)
-                        binds: Any = await http.start(functools.partial(
-                            hypercorn.trio.serve, app, config, shutdown_trigger=shutdown.requested.wait))
-                        api = f"http://{_bind(settings.host, settings.port)}"
-                        if settings.listen_fd is None and binds:
-                            api = str(binds[0])
-                        print(f"taskd: API {api}  docs {api}/docs  database {safe_url(url)}  "
-                              f"workers {settings.worker_pool_size}{banner}"
-                              f"{_sibling_note(settings)}", flush=True)
+                    claiming = False
+                    try:
+                        async with trio.open_nursery() as http:
+                            services.start_soon(shutdown.cut_short, http.cancel_scope)
+                            binds: Any = await http.start(functools.partial(
+                                hypercorn.trio.serve, app, config, shutdown_trigger=shutdown.requested.wait))
+                            # Claiming starts only once HTTP serves: a start that cannot
+                            # bind its port must not have taken any task.
+                            if settings.worker_pool_size:
+                                work.start_soon(pool.claim_loop, send)
+                                claiming = True
+                            api = f"http://{_bind(settings.host, settings.port)}"
+                            if settings.listen_fd is None and binds:
+                                api = str(binds[0])
+                            print(f"taskd: API {api}  docs {api}/docs  database {redacted_url(url)}  "
+                                  f"workers {settings.worker_pool_size}{banner}"
+                                  f"{_sibling_note(settings)}", flush=True)
+                    finally:
+                        if not claiming:  # else the claim loop closes it
+                            send.close()
                     log.info("HTTP stopped")
-                with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
-                    await store.flush_outcomes()
-                    held = pool.held()
-                    if held:
-                        log.info("releasing %d unfinished tasks to pending", len(held))
-                        await store.release(held)
+                # Outcomes are written while the heartbeat still renews their leases.
+                with trio.CancelScope(shield=True):
+                    await write_and_release(store, pool)
                 services.cancel_scope.cancel()
         finally:
+            # Whatever ended the process short of kill -9 (a bind failure, a crash in
+            # any nursery, a second signal): write what it has, release what it holds.
+            with trio.CancelScope(shield=True):
+                await write_and_release(store, pool)
             store.inserts.close()
             store.finishes.close()
     log.info("stopped cleanly; %s", pool_counters(pool, store))
+
+
+async def write_and_release(store: Store, pool: WorkerPool) -> None:
+    """Write the outcomes handed over, then hand back to the queue, without counting the
+    attempt, every task claimed and not finished. Bounded: with the database away, the
+    tasks' leases run out and another process rescues them."""
+    with trio.move_on_after(RELEASE_TIMEOUT) as flushing:
+        await store.flush_outcomes()
+    if flushing.cancelled_caught:
+        store.stop_retrying_outcomes()
+    unfinished = pool.unfinished()
+    if not unfinished:
+        return
+    with trio.move_on_after(RELEASE_TIMEOUT):
+        try:
+            await store.release(unfinished)
+            log.info("released %d unfinished tasks to pending", len(unfinished))
+        except DatabaseError as exc:
+            log.warning("could not release %d unfinished tasks (their leases will run out and they will be "
+                        "rescued): %s", len(unfinished), exc)
 
 
 def pool_counters(pool: WorkerPool, store: Store) -> str:

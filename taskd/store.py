@@ -12,8 +12,10 @@ Imports taskd.db, taskd.sql, taskd.migrations, taskd.models, taskd.errors, taskd
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,7 +25,8 @@ from taskd import db, jsontext, sql
 from taskd.coalescer import Coalescer
 from taskd.errors import DatabaseError, DatabaseUnavailable, SqlFileError
 from taskd.migrations import apply_migrations
-from taskd.models import ClaimedTask, NewTask, Outcome, Task, TaskStatus, attempt_error
+from taskd.models import ClaimedTask, NewTask, Outcome, Task, TaskPage, TaskStatus, TaskSummary, attempt_error
+from taskd.outage import OutageLog
 
 log = logging.getLogger("taskd.store")
 
@@ -61,7 +64,8 @@ FINISHER_SETTINGS = {
 
 QUERIES_USED = frozenset({
     "task_insert_many", "task_claim_many", "task_next_due", "task_finish_many", "task_release_many",
-    "task_extend_leases", "task_rescue_expired", "task_get", "task_list", "task_delete",
+    "task_extend_leases", "task_rescue_expired", "task_get", "task_list", "task_list_sizes", "task_list_full",
+    "task_delete",
     "process_heartbeat", "process_remove", "process_list_live", "process_prune",
     "stats_counts", "stats_recent", "stats_by_type", "stats_timings_by_type", "stats_timeline", "db_ping",
     "migration_lock", "migration_unlock", "migration_prepare", "migration_applied", "migration_record",
@@ -74,26 +78,42 @@ def new_process_id() -> str:
 
 
 class _Dedicated:
-    """A connection owned by one loop; after the server goes away, the next call reconnects."""
+    """A connection owned by one loop; a connection that failed is dropped, and the
+    next call opens a new one."""
 
-    def __init__(self, url: str, role: str, server_settings: dict[str, str] | None = None) -> None:
+    def __init__(self, url: str, role: str, outage: OutageLog, server_settings: dict[str, str] | None = None) -> None:
         self._url = url
         self.role = role
+        self._outage = outage
         self._server_settings = server_settings
         self._conn: db.Connection | None = None
 
     async def get(self) -> db.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await db.connect(self._url, server_settings=self._server_settings)
+            self._conn = None
+            try:
+                self._conn = await db.connect(self._url, server_settings=self._server_settings)
+            except DatabaseUnavailable as exc:
+                self._outage.failed(self.role, exc)
+                raise
         return self._conn
 
     async def run(self, query: sql.Query, *args: Any) -> Any:
         conn = await self.get()
         try:
-            return await conn.run(query, *args)
-        except DatabaseUnavailable:
+            result = await conn.run(query, *args)
+        except DatabaseUnavailable as exc:
+            self._outage.failed(self.role, exc)
             await self.close()
             raise
+        except BaseException:
+            # Cancelled mid-statement, or refused: a connection whose state is not
+            # known to be clean is never reused.
+            if conn.is_closed() or not _is_refusal(sys.exc_info()[1]):
+                await self.close()
+            raise
+        self._outage.succeeded()
+        return result
 
     def is_lost(self) -> bool:
         """Was this connection open and then lost?"""
@@ -105,21 +125,68 @@ class _Dedicated:
             await conn.close()
 
 
+def _is_refusal(exc: BaseException | None) -> bool:
+    """A statement the server refused leaves its connection usable."""
+    return isinstance(exc, DatabaseError) and not isinstance(exc, DatabaseUnavailable)
+
+
+class _TrackedPool:
+    """The shared pool, reporting outages like the dedicated connections do."""
+
+    def __init__(self, pool: db.Pool, outage: OutageLog) -> None:
+        self._pool = pool
+        self._outage = outage
+
+    async def run(self, query: sql.Query, *args: Any) -> Any:
+        try:
+            result = await self._pool.run(query, *args)
+        except DatabaseUnavailable as exc:
+            self._outage.failed("pool", exc)
+            raise
+        self._outage.succeeded()
+        return result
+
+    def usage(self) -> dict[str, int]:
+        return self._pool.usage()
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
 def _task_from_row(row: Mapping[str, Any]) -> Task:
+    # The jsonb columns stay text: the API passes them through undecoded.
     return Task(
         id=row["id"],
         task_type=row["task_type"],
         status=TaskStatus(row["status"]),
-        payload=jsontext.loads(row["payload"]),
-        result=jsontext.loads(row["result"]),
+        payload_json=row["payload"],
+        result_json=row["result"],
         attempts=row["attempts"],
         max_retries=row["max_retries"],
+        crashes=row["crashes"],
         timeout_seconds=row["timeout_seconds"],
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
-        last_error=jsontext.loads(row["last_error"]),
-        errors=jsontext.loads(row["errors"]) or [],
+        last_error_json=row["last_error"],
+        errors_json=row["errors"],
+    )
+
+
+def _summary_from_row(row: Mapping[str, Any]) -> TaskSummary:
+    return TaskSummary(
+        id=row["id"],
+        task_type=row["task_type"],
+        status=TaskStatus(row["status"]),
+        attempts=row["attempts"],
+        max_retries=row["max_retries"],
+        crashes=row["crashes"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        has_error=row["has_error"],
+        error_type=row["error_type"],
+        error_message=row["error_message"],
     )
 
 
@@ -129,21 +196,27 @@ class Store:
     def __init__(self, url: str, pool: db.Pool, *, process_id: str) -> None:
         self.url = url
         self.process_id = process_id
-        self._pool = pool
+        self.outage = OutageLog()
+        self._pool = _TrackedPool(pool, self.outage)
         self._q = sql.queries()
-        self._inserter = _Dedicated(url, "inserter")
-        self._claimer = _Dedicated(url, "claimer", CLAIMER_SETTINGS)
-        self._finisher = _Dedicated(url, "finisher", FINISHER_SETTINGS)
+        self._inserter = _Dedicated(url, "inserter", self.outage)
+        self._claimer = _Dedicated(url, "claimer", self.outage, CLAIMER_SETTINGS)
+        self._finisher = _Dedicated(url, "outcome writer", self.outage, FINISHER_SETTINGS)
         # Its own connection, so HTTP reads filling the pool cannot make leases lapse.
-        self._heartbeat = _Dedicated(url, "heartbeat", FINISHER_SETTINGS)
-        self._listener = _Dedicated(url, "listener")
+        self._heartbeat = _Dedicated(url, "heartbeat", self.outage, FINISHER_SETTINGS)
+        self._listener = _Dedicated(url, "listener", self.outage)
         self._new_work = trio.Event()
         self._cancel_callbacks: list[Callable[[int], None]] = []
+        self._written_callbacks: list[Callable[[Sequence[Outcome], set[tuple[int, int]]], None]] = []
+        self._outcome_retries_stopped = False
         self._finish_events: dict[int, trio.Event] = {}
         self.inserts: Coalescer[NewTask, int] = Coalescer(
             self._insert_batch, max_items=INSERT_BATCH, window=INSERT_WINDOW, name="inserter")
+        # No flush timeout: an outcome is kept and retried until the database takes
+        # it or its fence refuses it; shutdown bounds the wait from outside.
         self.finishes: Coalescer[Outcome, bool] = Coalescer(
-            self._finish_batch, max_items=FINISH_BATCH, window=FINISH_WINDOW, name="finisher")
+            self._finish_batch, max_items=FINISH_BATCH, window=FINISH_WINDOW, name="finisher",
+            flush_timeout=math.inf)
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -185,7 +258,7 @@ class Store:
             try:
                 await self._listener.close()
                 await self._start_listening()
-            except DatabaseUnavailable as exc:
+            except DatabaseError as exc:
                 log.debug("listening again failed: %s", exc)
                 continue
             log.info("listening for new work again")
@@ -218,6 +291,10 @@ class Store:
     async def wait_for_work(self) -> None:
         """Return when new tasks were inserted since the last call (callers bound it with a timeout)."""
         await self._new_work.wait()
+
+    def wake_claimer(self) -> None:
+        """Make the claimer look for work now (something it had to skip became claimable)."""
+        self._new_work.set()
 
     def clear_new_work(self) -> None:
         """Forget notifications received so far; call just before claiming."""
@@ -262,20 +339,21 @@ class Store:
 
     # -- claiming and finishing -------------------------------------------------------------------
 
-    async def claim(self, limit: int, task_types: Sequence[str], lease_seconds: float) -> list[ClaimedTask]:
-        """Lease up to `limit` runnable tasks of the given types to this process."""
+    async def claim(self, limit: int, task_types: Sequence[str], lease_seconds: float,
+                    skip: Sequence[int] = ()) -> list[ClaimedTask]:
+        """Lease up to `limit` runnable tasks of the given types, except those in `skip`, to this process."""
         rows = await self._claimer.run(
-            self._q["task_claim_many"], self.process_id, limit, list(task_types), lease_seconds)
+            self._q["task_claim_many"], self.process_id, limit, list(task_types), lease_seconds, list(skip))
         return [
-            ClaimedTask(row["id"], row["task_type"], jsontext.loads(row["payload"]), row["attempts"],
-                        row["max_retries"], row["timeout_seconds"])
+            ClaimedTask(row["id"], row["task_type"], row["payload"], row["attempts"],
+                        row["max_retries"], row["timeout_seconds"], row["crashes"])
             for row in rows
         ]
 
-    async def seconds_until_due(self, task_types: Sequence[str]) -> float | None:
-        """Seconds until the next waiting task of these types is due, by the database's clock
-        (zero or less: due now; None: nothing is waiting)."""
-        return await self._claimer.run(self._q["task_next_due"], list(task_types))
+    async def seconds_until_due(self, task_types: Sequence[str], skip: Sequence[int] = ()) -> float | None:
+        """Seconds until the next waiting task of these types (not in `skip`) is due, by the
+        database's clock (zero or less: due now; None: nothing is waiting)."""
+        return await self._claimer.run(self._q["task_next_due"], list(task_types), list(skip))
 
     async def record(self, outcome: Outcome) -> None:
         """Hand an attempt's outcome to the next batch without waiting for it to be written."""
@@ -285,9 +363,18 @@ class Store:
         """Wait until every outcome handed over so far is written."""
         await self.finishes.wait_idle()
 
+    def on_outcomes_written(self, callback: Callable[[Sequence[Outcome], set[tuple[int, int]]], None]) -> None:
+        """Call callback(outcomes, written) after each batch: `written` holds the (task id,
+        attempt) pairs stored; the rest were turned away by the lease fence."""
+        self._written_callbacks.append(callback)
+
     async def _finish_batch(self, outcomes: Sequence[Outcome]) -> Sequence[bool]:
         try:
             written = await self._write_outcomes(outcomes)
+        except DatabaseUnavailable:
+            log.error("%d outcomes not written: the database is unavailable and taskd is stopping; their tasks "
+                      "will be rescued once their leases run out", len(outcomes))
+            return [False] * len(outcomes)
         except DatabaseError as exc:
             # A row the database will not take fails the whole statement: write one by
             # one, so the others are kept and the refused one becomes a failed attempt.
@@ -299,18 +386,25 @@ class Store:
                 except DatabaseError as refused:
                     log.error("task %d attempt %d: the database refused its outcome; recorded as a failed "
                               "attempt: %s", outcome.task_id, outcome.attempt, refused)
-                    written |= await self._write_outcomes([_unstorable(outcome, refused)])
+                    try:
+                        written |= await self._write_outcomes([_unstorable(outcome, refused)])
+                    except DatabaseError as again:
+                        # Left running: its lease runs out and the task is rescued.
+                        log.error("task %d attempt %d: could not record the refusal either: %s",
+                                  outcome.task_id, outcome.attempt, again)
         for o in outcomes:
-            if o.task_id not in written:
+            if (o.task_id, o.attempt) not in written:
                 log.warning("task %d attempt %d finished after this process lost its lease (or the task was "
                             "deleted); outcome discarded", o.task_id, o.attempt)
+        for callback in self._written_callbacks:
+            callback(outcomes, written)
         self._signal_finished([o.task_id for o in outcomes if o.status != TaskStatus.RETRYING])
-        return [o.task_id in written for o in outcomes]
+        return [(o.task_id, o.attempt) in written for o in outcomes]
 
-    async def _write_outcomes(self, outcomes: Sequence[Outcome]) -> set[int]:
-        """One fenced statement; the ids written. Retries while the database is unreachable:
-        results must not be lost to a blip (the lease outlives a short outage, and after a
-        long one the fence turns stale outcomes away)."""
+    async def _write_outcomes(self, outcomes: Sequence[Outcome]) -> set[tuple[int, int]]:
+        """One fenced statement; the (id, attempt) pairs written. Retries while the database
+        is unreachable, however long: the lease fence turns away what is stale by the time
+        it is back, and everything else must be kept (shutdown bounds the wait)."""
         args = (
             self.process_id,
             [o.task_id for o in outcomes],
@@ -319,16 +413,22 @@ class Store:
             [o.result_json for o in outcomes],
             [o.error_json for o in outcomes],
             [o.retry_delay for o in outcomes],
+            [o.crashed for o in outcomes],
         )
         delay = 0.1
         while True:
             try:
                 rows = await self._finisher.run(self._q["task_finish_many"], *args)
-                return {row["id"] for row in rows}
-            except DatabaseUnavailable as exc:
-                log.warning("writing %d outcomes failed, retrying in %.1fs: %s", len(outcomes), delay, exc)
+                return {(row["id"], row["attempts"]) for row in rows}
+            except DatabaseUnavailable:
+                if self._outcome_retries_stopped:
+                    raise
                 await trio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0)
+
+    def stop_retrying_outcomes(self) -> None:
+        """Shutdown gave up waiting for the database: fail outcome writes instead of retrying."""
+        self._outcome_retries_stopped = True
 
     async def release(self, claims: Sequence[tuple[int, int]]) -> None:
         """Return claimed, unfinished (task id, attempt) pairs to pending without counting the attempt."""
@@ -352,9 +452,10 @@ class Store:
     async def remove_process(self) -> None:
         await self._pool.run(self._q["process_remove"], self.process_id)
 
-    async def rescue_expired(self) -> list[tuple[int, TaskStatus]]:
-        """Requeue (or fail) tasks whose lease ran out; returns (id, new status) pairs."""
-        rows = await self._pool.run(self._q["task_rescue_expired"])
+    async def rescue_expired(self, max_crashes: int) -> list[tuple[int, TaskStatus]]:
+        """Requeue tasks whose lease ran out (failing those at their `max_crashes`th crash);
+        returns (id, new status) pairs."""
+        rows = await self._pool.run(self._q["task_rescue_expired"], max_crashes)
         self._signal_finished([row["id"] for row in rows if row["status"] == TaskStatus.FAILED])
         if rows:
             self._new_work.set()
@@ -373,11 +474,32 @@ class Store:
         row = await self._pool.run(self._q["task_get"], task_id)
         return None if row is None else _task_from_row(row)
 
-    async def list_tasks(
+    async def list_summaries(
         self, *, status: str | None, task_type: str | None, before_id: int | None, limit: int
-    ) -> list[Task]:
+    ) -> list[TaskSummary]:
+        """Up to `limit` task summaries, newest first; payloads, results and error histories are not read."""
         rows = await self._pool.run(self._q["task_list"], status, task_type, before_id, limit)
-        return [_task_from_row(row) for row in rows]
+        return [_summary_from_row(row) for row in rows]
+
+    async def list_tasks(
+        self, *, status: str | None, task_type: str | None, before_id: int | None, limit: int,
+        max_bytes: int | None = None,
+    ) -> TaskPage:
+        """Up to `limit` full tasks, newest first, cut short once their JSON would pass
+        `max_bytes` (but never empty while any is left)."""
+        # Sizes first, so what this process fetches is bounded by max_bytes (plus
+        # one row, should the first alone be larger), not by limit x the largest row.
+        sizes = await self._pool.run(self._q["task_list_sizes"], status, task_type, before_id, limit)
+        chosen: list[int] = []
+        total = 0
+        for row in sizes:
+            total += row["json_bytes"]
+            if chosen and max_bytes is not None and total > max_bytes:
+                break
+            chosen.append(row["id"])
+        more = len(chosen) < len(sizes) or len(sizes) == limit
+        rows = await self._pool.run(self._q["task_list_full"], chosen) if chosen else []
+        return TaskPage([_task_from_row(row) for row in rows], chosen[-1] if more else None)
 
     async def delete(self, task_id: int) -> TaskStatus | None:
         """Delete a task; returns the status it had, None if there was none."""

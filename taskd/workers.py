@@ -1,34 +1,35 @@
-"""The worker side: one claim loop per process feeding N worker loops.
+"""The worker side: one claim loop per process feeding N worker loops, and the
+heartbeat that keeps their leases.
 
 The claim loop asks the Store for at most as many tasks as there are free
 worker slots, in one statement, and passes them to the workers through a
 channel; when the queue is empty it sleeps until a NOTIFY says new work
 arrived, the next retry falls due, or the fallback poll interval passes.
-Each attempt runs in its own cancel scope under its timeout; its outcome goes
-back to the Store, which writes outcomes in batches.
+Each claim becomes an `Attempt` record (taskd.attempts), which lives until its
+outcome is written: the heartbeat renews its lease until then, and an attempt
+whose lease this process could not renew in time is cancelled before another
+process may take the task, its outcome discarded and the task released.
 
 The server starts these loops in its nurseries; this module opens none.
-Imports taskd.store, taskd.registry, taskd.config, taskd.models, taskd.errors, taskd.jsontext.
+Imports taskd.store, taskd.attempts, taskd.registry, taskd.config, taskd.models,
+taskd.failures, taskd.errors, taskd.jsontext.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import logging
-import math
 import random
-import time
-import traceback
-from typing import Any
+from collections.abc import Sequence
 
 import trio
 
-from taskd import jsontext
+from taskd import failures, jsontext
+from taskd.attempts import Attempt, HandlerEnded, ThreadTracker, crash_error, run_handler
 from taskd.config import Settings
 from taskd.errors import DatabaseError
-from taskd.models import ClaimedTask, Outcome, TaskStatus, WorkerGauge, attempt_error
-from taskd.registry import Handler, Registry, TaskContext
+from taskd.models import Outcome, TaskStatus, WorkerGauge
+from taskd.registry import Registry
 from taskd.store import Store
 
 log = logging.getLogger("taskd.workers")
@@ -37,8 +38,6 @@ POLL_INTERVAL = 2.0  # fallback when a NOTIFY is missed
 MIN_WAIT = 0.005
 MAX_CLAIM = 500
 RECENT_CANCELS = 10_000
-TRACEBACK_CHARS = 2000
-MESSAGE_CHARS = 2000
 
 
 def retry_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
@@ -47,22 +46,8 @@ def retry_delay(attempt: int, base: float, cap: float, rng: random.Random | None
     return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
-def describe_error(exc: BaseException, attempt: int) -> dict[str, Any]:
-    """What is kept of a failed attempt: type, message and the tail of the traceback."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8))
-    return attempt_error(type(exc).__name__, str(exc)[:MESSAGE_CHARS], attempt, tb[-TRACEBACK_CHARS:])
-
-
-class AttemptTimeout(Exception):
-    """The attempt ran longer than its timeout."""
-
-
-class ResultNotJSON(TypeError):
-    """The handler returned something that cannot be stored as JSON."""
-
-
 class WorkerPool:
-    """The claim loop, the worker loops and the bookkeeping they share."""
+    """The claim loop, the worker loops, the heartbeat, and the attempts they share."""
 
     def __init__(self, store: Store, registry: Registry, settings: Settings, gauge: WorkerGauge) -> None:
         self.store = store
@@ -71,71 +56,87 @@ class WorkerPool:
         self.gauge = gauge
         self.size = settings.worker_pool_size
         self._slots = trio.Semaphore(self.size)
-        # Worker slots already bound the live threads; a plain-def handler that timed
-        # out keeps running in its abandoned thread, and must not hold a token that
-        # would starve every later plain-def handler.
-        self._threads = trio.CapacityLimiter(math.inf)
+        self.threads = ThreadTracker(settings.max_threads, on_idle=store.wake_claimer)
         self._claim_scope = trio.CancelScope()
-        # Claimed and not yet handed to the outcome writer: task id -> attempt. Keyed
-        # by id but checked by attempt: if this process lost a lease and claimed the
-        # task again, the old attempt must not clear the new one's entries.
-        self._held: dict[int, int] = {}
-        self._running: dict[int, tuple[int, trio.CancelScope]] = {}
-        self._deleted: set[int] = set()
+        self._attempts: dict[tuple[int, int], Attempt] = {}
+        # Attempts this process gave up on (lease lapsed) whose rows may still be leased
+        # to it: handed back, without counting them, once the database answers.
+        self._to_release: set[tuple[int, int]] = set()
         # Deletions whose notice may arrive before the claim that took the task lands.
         self._recent_cancels: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.claims = 0
         self.claimed = 0
         store.on_cancel(self._cancel_deleted)
+        store.on_outcomes_written(self._outcomes_written)
 
-    def open_channel(self) -> tuple[trio.MemorySendChannel[ClaimedTask], trio.MemoryReceiveChannel[ClaimedTask]]:
+    def open_channel(self) -> tuple[trio.MemorySendChannel[Attempt], trio.MemoryReceiveChannel[Attempt]]:
         """The hand-over from claimer to workers; it never holds more than there are slots."""
-        return trio.open_memory_channel[ClaimedTask](max(1, self.size))
+        return trio.open_memory_channel[Attempt](max(1, self.size))
 
-    def held(self) -> list[tuple[int, int]]:
-        """(task id, attempt) of every task claimed and not yet finished."""
-        return list(self._held.items())
+    def attempts(self) -> list[Attempt]:
+        return list(self._attempts.values())
+
+    def unfinished(self) -> list[tuple[int, int]]:
+        """(task id, attempt) of every claim this process still holds with no outcome written."""
+        return sorted({*self._attempts, *self._to_release})
 
     def stop_claiming(self) -> None:
         self._claim_scope.cancel()
 
     def _cancel_deleted(self, task_id: int) -> None:
-        if task_id not in self._held:
+        found = False
+        for attempt in self.attempts():
+            if attempt.task.id == task_id:
+                found = True
+                attempt.stop(deleted=True)
+        if not found:
             self._recent_cancels[task_id] = None
             if len(self._recent_cancels) > RECENT_CANCELS:
                 self._recent_cancels.popitem(last=False)
-            return
-        self._cancel(task_id)
 
-    def _cancel(self, task_id: int) -> None:
-        """Stop working on a task this process no longer owns (deleted, or its lease lost)."""
-        self._deleted.add(task_id)
-        running = self._running.get(task_id)
-        if running is not None:
-            running[1].cancel()
+    def _outcomes_written(self, outcomes: Sequence[Outcome], written: set[tuple[int, int]]) -> None:
+        # Written or turned away by the fence: either way this process is done with it.
+        for outcome in outcomes:
+            self._attempts.pop((outcome.task_id, outcome.attempt), None)
+
+    def _skip(self) -> list[int]:
+        """Tasks this process must not claim now: it still runs something of theirs."""
+        return sorted({key[0] for key in self._attempts} | set(self.threads.by_task))
+
+    # -- leases -----------------------------------------------------------------------------------
 
     async def heartbeat_loop(self) -> None:
-        """Renew the leases of the tasks this process holds, and its row in the process
-        table, forever; a task whose lease could not be renewed (deleted meanwhile, or
-        expired and perhaps taken by another process) is cancelled here."""
+        """Renew the leases of the attempts whose outcome is not written yet, and this
+        process's row in the process table, forever. An attempt whose lease could not be
+        renewed (deleted meanwhile, or expired and perhaps taken by another process) is
+        cancelled here; one whose local deadline passes first is cancelled by its scope."""
         lease = self.settings.lease_seconds
         while True:
-            held = self.held()
+            live = [a for a in self.attempts() if not a.lease_lost]
+            sent_at = trio.current_time()
             try:
-                renewed = await self.store.heartbeat(lease, held, self.gauge.size, self.gauge.busy)
+                if self._to_release:
+                    releasing = sorted(self._to_release)
+                    await self.store.release(releasing)
+                    self._to_release.difference_update(releasing)
+                    log.info("released %d tasks whose attempts were cut off from the database", len(releasing))
+                renewed = await self.store.heartbeat(lease, [a.key for a in live], self.gauge.size,
+                                                     self.gauge.busy)
             except DatabaseError as exc:
-                log.warning("heartbeat failed (leases expire in at most %gs): %s", lease, exc)
+                log.debug("heartbeat failed (leases run out locally in at most %gs): %s", lease, exc)
             else:
-                for task_id, attempt in held:
-                    if (task_id, attempt) not in renewed and self._held.get(task_id) == attempt:
+                for attempt in live:
+                    if attempt.key in renewed:
+                        attempt.extend_lease(sent_at + lease)
+                    elif self._attempts.get(attempt.key) is attempt and not attempt.deleted:
                         log.warning("task %d attempt %d: lease lost (deleted, or expired); cancelling it",
-                                    task_id, attempt)
-                        self._cancel(task_id)
+                                    *attempt.key)
+                        attempt.stop(lease_lost=True)
             await trio.sleep(lease / 3)
 
     # -- claiming ---------------------------------------------------------------------------------
 
-    async def claim_loop(self, send: trio.MemorySendChannel[ClaimedTask]) -> None:
+    async def claim_loop(self, send: trio.MemorySendChannel[Attempt]) -> None:
         """Claim work for free slots until stop_claiming(); closes `send` so the workers drain and stop.
 
         Slots are reserved before the claim is sent and the unused ones returned after,
@@ -154,36 +155,39 @@ class WorkerPool:
                             break
                         reserved += 1
                     self.store.clear_new_work()
-                    tasks = await self._claim(reserved, task_types)
-                    for _ in range(reserved - len(tasks)):
+                    skip = self._skip()
+                    attempts = await self._claim(reserved, task_types, skip)
+                    for _ in range(reserved - len(attempts)):
                         self._slots.release()
-                    for task in tasks:
-                        if self._recent_cancels.pop(task.id, "absent") is None:
+                    for attempt in attempts:
+                        if self._recent_cancels.pop(attempt.task.id, "absent") is None:
                             self._slots.release()  # deleted before its claim landed here
                             continue
-                        self._held[task.id] = task.attempt
-                        send.send_nowait(task)
-                    if len(tasks) < reserved:
-                        await self._wait_for_work(task_types)
+                        self._attempts[attempt.key] = attempt
+                        send.send_nowait(attempt)
+                    if len(attempts) < reserved:
+                        await self._wait_for_work(task_types, skip)
 
-    async def _claim(self, wanted: int, task_types: list[str]) -> list[ClaimedTask]:
+    async def _claim(self, wanted: int, task_types: list[str], skip: list[int]) -> list[Attempt]:
         # Shielded: a claim that committed must reach the workers, or its tasks
         # would sit leased to us until the lease ran out.
         with trio.CancelScope(shield=True):
+            sent_at = trio.current_time()
             try:
-                tasks = await self.store.claim(wanted, task_types, self.settings.lease_seconds)
+                tasks = await self.store.claim(wanted, task_types, self.settings.lease_seconds, skip)
             except DatabaseError as exc:
-                log.warning("claiming failed, will try again: %s", exc)
+                log.debug("claiming failed, will try again: %s", exc)
                 tasks = []
         self.claims += 1
         self.claimed += len(tasks)
-        return tasks
+        lease_deadline = sent_at + self.settings.lease_seconds
+        return [Attempt(task, lease_deadline) for task in tasks]
 
-    async def _wait_for_work(self, task_types: list[str]) -> None:
+    async def _wait_for_work(self, task_types: list[str], skip: list[int]) -> None:
         try:
-            until_due = await self.store.seconds_until_due(task_types)
+            until_due = await self.store.seconds_until_due(task_types, skip)
         except DatabaseError as exc:
-            log.warning("reading the next due time failed: %s", exc)
+            log.debug("reading the next due time failed: %s", exc)
             until_due = None
         wait = POLL_INTERVAL if until_due is None else min(POLL_INTERVAL, max(MIN_WAIT, until_due))
         with trio.move_on_after(wait):
@@ -191,89 +195,76 @@ class WorkerPool:
 
     # -- working ----------------------------------------------------------------------------------
 
-    async def work_loop(self, receive: trio.MemoryReceiveChannel[ClaimedTask]) -> None:
-        """Run claimed tasks one at a time until the claim loop closes the channel."""
+    async def work_loop(self, receive: trio.MemoryReceiveChannel[Attempt]) -> None:
+        """Run claimed attempts one at a time until the claim loop closes the channel."""
         async with receive:
-            async for task in receive:
+            async for attempt in receive:
                 try:
-                    await self._run(task)
+                    await self._run(attempt)
                 finally:
                     self._slots.release()
 
-    async def _run(self, task: ClaimedTask) -> None:
-        if task.id in self._deleted:
-            self._forget(task)
+    async def _run(self, attempt: Attempt) -> None:
+        task = attempt.task
+        if attempt.deleted or attempt.lease_lost:
+            self._settle_without_outcome(attempt)
             return
         handler = self.registry.get(task.task_type)
         assert handler is not None, "the claim only asks for registered types"
+        if attempt.quarantined:
+            log.warning("task %d (%s) attempt %d runs in quarantine: its process died under it %d times",
+                        task.id, task.task_type, task.attempt, task.crashes)
         self.gauge.busy += 1
         try:
-            outcome = await self._attempt(handler, task)
+            ended = await run_handler(attempt, handler, self.threads, self.settings.task_modules)
         finally:
             self.gauge.busy -= 1
-        if outcome is None:
-            log.info("task %d (%s) was deleted while running; cancelled", task.id, task.task_type)
-        else:
-            self._log_outcome(task, outcome)
-            # Handed over, not awaited: the Store writes outcomes in batches, and
-            # shutdown waits for them to be written before releasing what is left.
-            await self.store.record(outcome)
-        self._forget(task)
+        if attempt.deleted or attempt.lease_lost or ended.lease_ran_out:
+            self._settle_without_outcome(attempt)
+            return
+        outcome = self._outcome(attempt, ended)
+        self._log_outcome(attempt, outcome)
+        attempt.handed_over = True
+        # Handed over, not awaited: the Store writes outcomes in batches, and calls
+        # back once written; until then the heartbeat keeps renewing the lease.
+        await self.store.record(outcome)
 
-    def _forget(self, task: ClaimedTask) -> None:
-        if self._held.get(task.id) == task.attempt:
-            del self._held[task.id]
-            self._deleted.discard(task.id)
+    def _settle_without_outcome(self, attempt: Attempt) -> None:
+        self._attempts.pop(attempt.key, None)
+        if attempt.deleted:
+            log.info("task %d (%s) was deleted while running; cancelled", attempt.task.id, attempt.task.task_type)
+            return
+        attempt.lease_lost = True
+        # Info, not a warning: in an outage every running attempt ends here, and the
+        # outage itself is already reported once.
+        log.info("task %d attempt %d: cancelled, since this process could not renew its lease in time; "
+                 "it will be released or rescued", *attempt.key)
+        self._to_release.add(attempt.key)
 
-    async def _attempt(self, handler: Handler, task: ClaimedTask) -> Outcome | None:
-        """Run one attempt; None if the task was deleted meanwhile."""
-        ctx = TaskContext(task.id, task.task_type, task.attempt, task.max_retries)
-        error: BaseException | None = None
-        result_json: str | None = None
-        started = time.perf_counter()
-        # One scope serves both the timeout (its deadline) and DELETE (cancel()).
-        scope = trio.CancelScope(deadline=trio.current_time() + task.timeout_seconds)
-        self._running[task.id] = (task.attempt, scope)
-        try:
-            with scope:
-                try:
-                    result = await self._call(handler, task.payload, ctx)
-                    result_json = _encode_result(result)
-                except (Exception, SystemExit) as exc:  # the handler's failure is the task's data, not ours
-                    error = exc
-        finally:
-            if self._running.get(task.id, (None,))[0] == task.attempt:
-                del self._running[task.id]
-        if task.id in self._deleted:
-            return None
-        if scope.cancelled_caught:
-            error = AttemptTimeout(
-                f"attempt {task.attempt} exceeded its timeout of {task.timeout_seconds:g}s "
-                f"(ran {time.perf_counter() - started:.3f}s)")
+    def _outcome(self, attempt: Attempt, ended: HandlerEnded) -> Outcome:
+        task = attempt.task
         # Kept with every outcome: if the database refuses to store it, the store
         # records a failed attempt instead and needs to know whether to retry.
-        may_retry = task.attempt <= task.max_retries
-        delay = 0.0
-        if may_retry:
-            delay = retry_delay(task.attempt, self.settings.retry_delay, self.settings.retry_delay_max)
-        if error is None:
-            return Outcome(task.id, task.attempt, TaskStatus.COMPLETED, result_json=result_json, retry_delay=delay,
-                           may_retry=may_retry)
-        error_json = jsontext.dumps(describe_error(error, task.attempt))
+        may_retry = task.retries_used < task.max_retries
+        delay = retry_delay(task.retries_used + 1, self.settings.retry_delay, self.settings.retry_delay_max)
+        if ended.error is None:
+            return Outcome(task.id, task.attempt, TaskStatus.COMPLETED, result_json=ended.result_json,
+                           retry_delay=delay, may_retry=may_retry)
+        if isinstance(ended.error, failures.Crashed):
+            error_json, give_up = crash_error(task, ended.error, self.settings.max_crashes)
+            status = TaskStatus.FAILED if give_up else TaskStatus.RETRYING
+            return Outcome(task.id, task.attempt, status, error_json=error_json, retry_delay=delay,
+                           may_retry=not give_up, crashed=True)
+        if isinstance(ended.error, failures.PayloadUnreadable):
+            may_retry = False  # the row will not read better next time
+        error_json = ended.error_json(task.attempt)
         if may_retry:
             return Outcome(task.id, task.attempt, TaskStatus.RETRYING, error_json=error_json, retry_delay=delay,
                            may_retry=True)
         return Outcome(task.id, task.attempt, TaskStatus.FAILED, error_json=error_json)
 
-    async def _call(self, handler: Handler, payload: Any, ctx: TaskContext) -> Any:
-        if handler.is_async:
-            return await handler.fn(payload, ctx)
-        # A plain function runs in a thread; on timeout or delete the thread is
-        # abandoned (Python cannot stop it) and its result ignored.
-        return await trio.to_thread.run_sync(
-            functools.partial(handler.fn, payload, ctx), abandon_on_cancel=True, limiter=self._threads)
-
-    def _log_outcome(self, task: ClaimedTask, outcome: Outcome) -> None:
+    def _log_outcome(self, attempt: Attempt, outcome: Outcome) -> None:
+        task = attempt.task
         if outcome.status == TaskStatus.COMPLETED:
             log.debug("task %d (%s) completed on attempt %d", task.id, task.task_type, task.attempt)
         elif outcome.status == TaskStatus.RETRYING:
@@ -282,13 +273,6 @@ class WorkerPool:
         else:
             log.warning("task %d (%s) failed after %d attempts: %s", task.id, task.task_type,
                         task.attempt, _error_summary(outcome))
-
-
-def _encode_result(result: Any) -> str:
-    try:
-        return jsontext.dumps(result)
-    except jsontext.NotJsonError as exc:
-        raise ResultNotJSON(f"result of type {type(result).__name__} is not JSON-serialisable: {exc}") from None
 
 
 def _error_summary(outcome: Outcome) -> str:

@@ -8,10 +8,13 @@ RETURNING id;
 
 -- name: task_claim_many :many
 -- Claim up to $2 runnable tasks of the types in $3 for process $1, highest
--- priority first, then oldest due first; each gets a lease of $4 seconds.
+-- priority first, then oldest due first; each gets a lease of $4 seconds. Tasks
+-- in $5 are skipped: this process still runs something of theirs (an attempt
+-- cut off from its lease, or an abandoned thread), and must not run two at once.
 WITH next AS (
     SELECT id FROM taskd.tasks
     WHERE status IN ('pending', 'retrying') AND run_at <= now() AND task_type = ANY($3::text[])
+      AND NOT (id = ANY($5::bigint[]))
     ORDER BY priority DESC, run_at, id
     LIMIT $2::int
     FOR UPDATE SKIP LOCKED
@@ -25,21 +28,25 @@ SET status = 'running',
     attempt_started_at = now()
 FROM next
 WHERE t.id = next.id
-RETURNING t.id, t.task_type, t.payload::text AS payload, t.attempts, t.max_retries, t.timeout_seconds;
+RETURNING t.id, t.task_type, t.payload::text AS payload, t.attempts, t.max_retries, t.timeout_seconds,
+          t.crashes;
 
 -- name: task_next_due :val
 -- Seconds until the next runnable task of the types in $1 falls due, by the
--- database's clock (NULL if none is waiting; zero or less if one is due now).
+-- database's clock (NULL if none is waiting; zero or less if one is due now),
+-- leaving out the tasks in $2 that this process may not claim for now.
 SELECT extract(epoch FROM min(run_at) - now())::float8 FROM taskd.tasks
-WHERE status IN ('pending', 'retrying') AND task_type = ANY($1::text[]);
+WHERE status IN ('pending', 'retrying') AND task_type = ANY($1::text[]) AND NOT (id = ANY($2::bigint[]));
 
 -- name: task_finish_many :many
 -- Record many attempts' outcomes in one statement, fenced on the lease owner $1
 -- and the attempt number: an attempt whose lease was lost writes nothing. Only a
 -- running task has a lease owner, so the fence needs no status test (which would
--- tempt the planner into scanning every running row).
+-- tempt the planner into scanning every running row). An attempt that crashed
+-- its quarantine process ($8) counts as a crash, not a retry.
 UPDATE taskd.tasks t
 SET status = u.status,
+    crashes = t.crashes + CASE WHEN u.crashed THEN 1 ELSE 0 END,
     result = u.result::jsonb,
     last_error = COALESCE(u.error::jsonb, t.last_error),
     errors = CASE WHEN u.error IS NULL THEN t.errors ELSE t.errors || jsonb_build_array(u.error::jsonb) END,
@@ -47,10 +54,10 @@ SET status = u.status,
     run_at = CASE WHEN u.status = 'retrying' THEN now() + make_interval(secs => u.delay) ELSE t.run_at END,
     locked_by = NULL,
     locked_until = NULL
-FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], $7::float8[])
-     AS u(id, attempt, status, result, error, delay)
+FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], $7::float8[], $8::bool[])
+     AS u(id, attempt, status, result, error, delay, crashed)
 WHERE t.id = u.id AND t.attempts = u.attempt AND t.locked_by = $1::text
-RETURNING t.id;
+RETURNING t.id, t.attempts;
 
 -- name: task_release_many :exec
 -- Hand tasks that process $1 claimed but did not finish back to the queue
@@ -77,23 +84,30 @@ WHERE t.id = u.id AND t.attempts = u.attempt AND t.locked_by = $1::text AND t.lo
 RETURNING t.id, t.attempts;
 
 -- name: task_rescue_expired :many
--- Tasks whose process stopped renewing their lease: the attempt counts; run
--- them again if retries remain, else fail them.
+-- Tasks whose process stopped renewing their lease (it died, or lost the
+-- database): the cut attempt counts as a crash, not as a retry, so it runs again
+-- at once whatever its retry budget; at the $1th crash the task fails instead,
+-- since it may be what kills its processes.
 WITH expired AS (
     SELECT id FROM taskd.tasks
     WHERE status = 'running' AND locked_until < now()
     FOR UPDATE SKIP LOCKED
 ), err AS (
-    SELECT t.id, jsonb_build_object(
-        'type', 'LeaseExpired',
-        'message', 'the process running this attempt stopped renewing its lease (' || coalesce(t.locked_by, '?') || ')',
+    SELECT t.id, t.crashes + 1 >= $1::int AS give_up, jsonb_build_object(
+        'type', CASE WHEN t.crashes + 1 >= $1::int THEN 'Crashed' ELSE 'LeaseExpired' END,
+        'message', CASE WHEN t.crashes + 1 >= $1::int
+            THEN 'the process running this task died or lost its lease ' || (t.crashes + 1)
+                 || ' times (MAX_CRASHES ' || $1::int || '); not run again (last: ' || coalesce(t.locked_by, '?') || ')'
+            ELSE 'the process running this attempt stopped renewing its lease (' || coalesce(t.locked_by, '?')
+                 || '); run again, without spending a retry' END,
         'attempt', t.attempts,
         'at', now()) AS error
     FROM taskd.tasks t JOIN expired USING (id)
 )
 UPDATE taskd.tasks t
-SET status = CASE WHEN t.attempts > t.max_retries THEN 'failed' ELSE 'retrying' END,
-    finished_at = CASE WHEN t.attempts > t.max_retries THEN now() END,
+SET status = CASE WHEN err.give_up THEN 'failed' ELSE 'retrying' END,
+    finished_at = CASE WHEN err.give_up THEN now() END,
+    crashes = t.crashes + 1,
     last_error = err.error,
     errors = t.errors || jsonb_build_array(err.error),
     run_at = now(),
@@ -104,24 +118,50 @@ WHERE t.id = err.id
 RETURNING t.id, t.status;
 
 -- name: task_get :one
--- One task by id, everything a client may see.
+-- One task by id, everything a client may see; the jsonb columns as text, passed through to clients.
 SELECT id, task_type, status, payload::text AS payload, result::text AS result, attempts, max_retries,
-       timeout_seconds, created_at, started_at, finished_at, last_error::text AS last_error,
+       crashes, timeout_seconds, created_at, started_at, finished_at, last_error::text AS last_error,
        errors::text AS errors
 FROM taskd.tasks WHERE id = $1::bigint;
 
 -- name: task_list :many
--- Newest first, optionally filtered by status $1 and task type $2, after the
--- keyset cursor $3 (ids below it), at most $4 rows.
-SELECT id, task_type, status, payload::text AS payload, result::text AS result, attempts, max_retries,
-       timeout_seconds, created_at, started_at, finished_at, last_error::text AS last_error,
-       errors::text AS errors
+-- Summaries, newest first, optionally filtered by status $1 and task type $2,
+-- after the keyset cursor $3 (ids below it), at most $4 rows. Payload, result and
+-- errors are never read (a large one would have to be fetched from TOAST), and
+-- of the last error only its type and the first 500 characters of its message.
+SELECT id, task_type, status, attempts, max_retries, crashes, created_at, started_at, finished_at,
+       last_error IS NOT NULL AS has_error, last_error->>'type' AS error_type,
+       left(last_error->>'message', 500) AS error_message
 FROM taskd.tasks
 WHERE ($1::text IS NULL OR status = $1::text)
   AND ($2::text IS NULL OR task_type = $2::text)
   AND ($3::bigint IS NULL OR id < $3::bigint)
 ORDER BY id DESC
 LIMIT $4::int;
+
+-- name: task_list_sizes :many
+-- The rows task_list would list (same filters and cursor) with about the bytes of
+-- each as JSON in a response (the jsonb columns as text, plus 300 for the other
+-- fields), so a full page is cut to size before anything large leaves the database.
+SELECT id,
+       octet_length(payload::text) + coalesce(octet_length(result::text), 4)
+       + coalesce(octet_length(last_error::text), 4) + octet_length(errors::text)
+       + octet_length(task_type) + 300 AS json_bytes
+FROM taskd.tasks
+WHERE ($1::text IS NULL OR status = $1::text)
+  AND ($2::text IS NULL OR task_type = $2::text)
+  AND ($3::bigint IS NULL OR id < $3::bigint)
+ORDER BY id DESC
+LIMIT $4::int;
+
+-- name: task_list_full :many
+-- The tasks with the ids in $1, newest first, as task_get reads them (a row
+-- deleted since its size was read is simply missing).
+SELECT id, task_type, status, payload::text AS payload, result::text AS result, attempts, max_retries,
+       crashes, timeout_seconds, created_at, started_at, finished_at, last_error::text AS last_error,
+       errors::text AS errors
+FROM taskd.tasks WHERE id = ANY($1::bigint[])
+ORDER BY id DESC;
 
 -- name: task_delete :val
 -- Remove a task; a trigger tells the process running it to cancel it.

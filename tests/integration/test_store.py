@@ -158,16 +158,32 @@ async def test_release_does_not_count_the_attempt(store: Store) -> None:
     assert task and task.status == TaskStatus.PENDING and task.attempts == 0 and task.started_at is None
 
 
-async def test_expired_leases_are_rescued_and_the_dead_attempt_counts(store: Store) -> None:
+async def test_expired_leases_are_rescued_as_crashes_that_spend_no_retry(store: Store) -> None:
     a, b = await store.submit_many([new(max_retries=1), new(max_retries=0)])
+    for crash in (1, 2):
+        claimed = await store.claim(2, ["echo"], 0.05)
+        assert [(t.id, t.attempt, t.crashes, t.retries_used) for t in claimed] == [
+            (a, crash, crash - 1, 0), (b, crash, crash - 1, 0)]
+        await trio.sleep(0.1)
+        rescued = dict(await store.rescue_expired(3))
+        assert rescued == {a: TaskStatus.RETRYING, b: TaskStatus.RETRYING}, "even with max_retries 0"
+    task_b = await store.get(b)
+    assert task_b and task_b.attempts == 2 and task_b.crashes == 2
+    assert [e["type"] for e in task_b.errors] == ["LeaseExpired", "LeaseExpired"]
     await store.claim(2, ["echo"], 0.05)
     await trio.sleep(0.1)
-    rescued = dict(await store.rescue_expired())
-    assert rescued == {a: TaskStatus.RETRYING, b: TaskStatus.FAILED}
+    rescued = dict(await store.rescue_expired(3))
+    assert rescued == {a: TaskStatus.FAILED, b: TaskStatus.FAILED}, "the third crash is the last"
     task_a = await store.get(a)
-    assert task_a and task_a.attempts == 1 and task_a.errors[0]["type"] == "LeaseExpired"
-    again = await store.claim(5, ["echo"], 30)
-    assert [t.id for t in again] == [a] and again[0].attempt == 2
+    assert task_a and task_a.crashes == 3 and task_a.last_error and task_a.last_error["type"] == "Crashed"
+    assert "3 times" in task_a.last_error["message"] and task_a.finished_at is not None
+
+
+async def test_claims_skip_what_this_process_still_runs(store: Store) -> None:
+    a, b = await store.submit_many([new(), new()])
+    assert [t.id for t in await store.claim(5, ["echo"], 30, skip=[a])] == [b]
+    assert await store.seconds_until_due(["echo"], skip=[a]) is None
+    assert (await store.seconds_until_due(["echo"])) is not None
 
 
 async def test_heartbeat_renews_only_held_live_leases(store: Store) -> None:
@@ -183,7 +199,7 @@ async def test_heartbeat_renews_only_held_live_leases(store: Store) -> None:
         renewed = await store.heartbeat(0.3, [(held, 1)], workers=1, busy=1)
         assert renewed == {(held, 1)}
     # the orphan (claimed, but no longer tracked by its process) expires and is rescued
-    rescued = dict(await store.rescue_expired())
+    rescued = dict(await store.rescue_expired(3))
     assert rescued == {orphan: TaskStatus.RETRYING, expired: TaskStatus.RETRYING}
     assert await store.heartbeat(0.3, [(held, 2)], workers=1, busy=1) == set(), "another attempt's lease"
     (process,) = await store.live_processes(60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import trio
 import trio.lowlevel
 
 from taskd import jsontext
-from taskd.models import ClaimedTask, NewTask, Outcome, Task, TaskStatus
+from taskd.models import ClaimedTask, NewTask, Outcome, Task, TaskPage, TaskStatus, TaskSummary
 
 
 class FakeStore:
@@ -25,13 +26,16 @@ class FakeStore:
         self.finished_event = trio.Event()
         self.heartbeats: list[list[tuple[int, int]]] = []
         self.running_at_claim: list[int] = []
+        self.skips: list[list[int]] = []
+        self.released: list[tuple[int, int]] = []
+        self._written: list[Callable[[Sequence[Outcome], set[tuple[int, int]]], None]] = []
 
     # submitting
     def add(self, task_type: str, payload: Any, *, max_retries: int = 3, timeout: float = 60.0) -> int:
         task_id = len(self.tasks) + 1
         self.tasks[task_id] = {"id": task_id, "task_type": task_type, "payload": payload, "status": "pending",
                                "attempts": 0, "max_retries": max_retries, "timeout": timeout,
-                               "result": None, "errors": [], "run_at": 0.0}
+                               "result": None, "errors": [], "run_at": 0.0, "crashes": 0}
         self._new_work.set()
         return task_id
 
@@ -52,6 +56,9 @@ class FakeStore:
         for callback in self._cancel:
             callback(task_id)
 
+    def wake_claimer(self) -> None:
+        self._new_work.set()
+
     def clear_new_work(self) -> None:
         if self._new_work.is_set():
             self._new_work = trio.Event()
@@ -59,8 +66,10 @@ class FakeStore:
     async def wait_for_work(self) -> None:
         await self._new_work.wait()
 
-    async def claim(self, limit: int, task_types: Sequence[str], lease: float) -> list[ClaimedTask]:
+    async def claim(self, limit: int, task_types: Sequence[str], lease: float,
+                    skip: Sequence[int] = ()) -> list[ClaimedTask]:
         self.claim_requests.append(limit)
+        self.skips.append(list(skip))
         self.running_at_claim.append(sum(1 for r in self.tasks.values() if r["status"] == "running"))
         await trio.lowlevel.checkpoint()
         now = trio.current_time()
@@ -68,15 +77,18 @@ class FakeStore:
         for row in self.tasks.values():
             if len(claimed) >= limit:
                 break
-            if row["status"] in ("pending", "retrying") and row["run_at"] <= now and row["task_type"] in task_types:
+            if (row["status"] in ("pending", "retrying") and row["run_at"] <= now and row["task_type"] in task_types
+                    and row["id"] not in skip):
                 row["status"] = "running"
                 row["attempts"] += 1
-                claimed.append(ClaimedTask(row["id"], row["task_type"], row["payload"], row["attempts"],
-                                           row["max_retries"], row["timeout"]))
+                payload_json = row.get("payload_json") or json.dumps(row["payload"])
+                claimed.append(ClaimedTask(row["id"], row["task_type"], payload_json, row["attempts"],
+                                           row["max_retries"], row["timeout"], row["crashes"]))
         return claimed
 
-    async def seconds_until_due(self, task_types: Sequence[str]) -> float | None:
-        due = [r["run_at"] for r in self.tasks.values() if r["status"] in ("pending", "retrying")]
+    async def seconds_until_due(self, task_types: Sequence[str], skip: Sequence[int] = ()) -> float | None:
+        due = [r["run_at"] for r in self.tasks.values()
+               if r["status"] in ("pending", "retrying") and r["id"] not in skip]
         return min(due) - trio.current_time() if due else None
 
     async def heartbeat(self, lease: float, held: Sequence[tuple[int, int]], workers: int,
@@ -85,8 +97,21 @@ class FakeStore:
         return {(i, a) for i, a in held
                 if i in self.tasks and self.tasks[i]["attempts"] == a and self.tasks[i]["status"] == "running"}
 
+    def on_outcomes_written(self, callback: Callable[[Sequence[Outcome], set[tuple[int, int]]], None]) -> None:
+        self._written.append(callback)
+
     async def record(self, outcome: Outcome) -> None:
-        await self.finish(outcome)
+        written = await self.finish(outcome)
+        for callback in self._written:
+            callback([outcome], {(outcome.task_id, outcome.attempt)} if written else set())
+
+    async def release(self, claims: Sequence[tuple[int, int]]) -> None:
+        self.released.extend(claims)
+        for task_id, attempt in claims:
+            row = self.tasks.get(task_id)
+            if row is not None and row["attempts"] == attempt and row["status"] == "running":
+                row["status"] = "pending"
+                row["attempts"] -= 1
 
     async def finish(self, outcome: Outcome) -> bool:
         await trio.lowlevel.checkpoint()
@@ -107,9 +132,23 @@ class FakeStore:
     # reading
     def _task(self, row: dict[str, Any]) -> Task:
         now = dt.datetime.now(dt.UTC)
-        return Task(row["id"], row["task_type"], TaskStatus(row["status"]), row["payload"], row["result"],
-                    row["attempts"], row["max_retries"], row["timeout"], now, None, None,
-                    row["errors"][-1] if row["errors"] else None, row["errors"])
+        last_error = row["errors"][-1] if row["errors"] else None
+        return Task(row["id"], row["task_type"], TaskStatus(row["status"]), json.dumps(row["payload"]),
+                    None if row["result"] is None else json.dumps(row["result"]), row["attempts"],
+                    row["max_retries"], row["crashes"], row["timeout"], now, None, None,
+                    None if last_error is None else json.dumps(last_error), json.dumps(row["errors"]))
+
+    def _summary(self, row: dict[str, Any]) -> TaskSummary:
+        last_error = row["errors"][-1] if row["errors"] else None
+        return TaskSummary(row["id"], row["task_type"], TaskStatus(row["status"]), row["attempts"],
+                           row["max_retries"], row["crashes"], dt.datetime.now(dt.UTC), None, None,
+                           last_error is not None, last_error and last_error.get("type"),
+                           last_error and str(last_error.get("message"))[:500])
+
+    def _listed(self, status: str | None, task_type: str | None, before_id: int | None) -> list[dict[str, Any]]:
+        return [r for r in sorted(self.tasks.values(), key=lambda r: -r["id"])
+                if (status is None or r["status"] == status) and (task_type is None or r["task_type"] == task_type)
+                and (before_id is None or r["id"] < before_id)]
 
     async def get(self, task_id: int) -> Task | None:
         row = self.tasks.get(task_id)
@@ -118,12 +157,24 @@ class FakeStore:
     async def wait_finished(self, task_id: int, seconds: float) -> Task | None:
         return await self.get(task_id)
 
+    async def list_summaries(self, *, status: str | None, task_type: str | None, before_id: int | None,
+                             limit: int) -> list[TaskSummary]:
+        return [self._summary(r) for r in self._listed(status, task_type, before_id)[:limit]]
+
     async def list_tasks(self, *, status: str | None, task_type: str | None, before_id: int | None,
-                         limit: int) -> list[Task]:
-        rows = [r for r in sorted(self.tasks.values(), key=lambda r: -r["id"])
-                if (status is None or r["status"] == status) and (task_type is None or r["task_type"] == task_type)
-                and (before_id is None or r["id"] < before_id)]
-        return [self._task(r) for r in rows[:limit]]
+                         limit: int, max_bytes: int | None = None) -> TaskPage:
+        # Cut like the real store: by the JSON text of the rows, never below one row.
+        rows = self._listed(status, task_type, before_id)[:limit]
+        tasks: list[Task] = []
+        total = 0
+        for row in rows:
+            task = self._task(row)
+            total += len(task.payload_json) + len(task.result_json or "null") + len(task.errors_json)
+            if tasks and max_bytes is not None and total > max_bytes:
+                break
+            tasks.append(task)
+        more = len(tasks) < len(rows) or len(rows) == limit
+        return TaskPage(tasks, tasks[-1].id if more else None)
 
     async def delete(self, task_id: int) -> TaskStatus | None:
         row = self.tasks.get(task_id)

@@ -1,12 +1,13 @@
+import dataclasses
 import json
 from typing import Any
 
 import pytest
 
-from taskd import builtin_tasks  # noqa: F401  (registers the built-in types)
+from taskd import api, builtin_tasks  # noqa: F401  (registers the built-in types)
 from taskd.api import create_app
 from taskd.config import Settings
-from taskd.models import WorkerGauge
+from taskd.models import Task, WorkerGauge
 from taskd.registry import default_registry
 
 from .fakes import FakeStore
@@ -138,6 +139,75 @@ async def test_list_filters_and_pages_with_a_cursor(client: Any, store: FakeStor
         await error_of(await client.get(f"/tasks?{bad}"), 422)
 
 
+SUMMARY_KEYS = {"id", "task_type", "status", "attempts", "max_retries", "crashes", "created_at", "started_at",
+                "finished_at", "last_error"}
+FULL_KEYS = {"id", "task_type", "status", "payload", "result", "attempts", "max_retries", "crashes",
+             "timeout_seconds", "created_at", "started_at", "finished_at", "last_error", "errors"}
+
+
+async def test_list_gives_summaries_by_default_and_full_tasks_on_request(client: Any, store: FakeStore) -> None:
+    store.add("echo", {"big": "x" * 1000})
+    failed = store.add("echo", {"i": 2})
+    store.tasks[failed].update(status="failed", errors=[
+        {"type": "E1", "message": "first", "attempt": 1, "at": "t"},
+        {"type": "E2", "message": "m" * 2000, "traceback": "tb", "attempt": 2, "at": "t"}])
+    for query in ("", "?full=false"):
+        items = (await (await client.get(f"/tasks{query}")).get_json())["items"]
+        assert [set(t) for t in items] == [SUMMARY_KEYS] * 2
+        assert items[0]["last_error"] == {"type": "E2", "message": "m" * 500} and items[1]["last_error"] is None
+    items = (await (await client.get("/tasks?full=true")).get_json())["items"]
+    assert [set(t) for t in items] == [FULL_KEYS] * 2
+    assert items[1]["payload"] == {"big": "x" * 1000} and items[1]["crashes"] == 0
+    assert [e["type"] for e in items[0]["errors"]] == ["E1", "E2"] and items[0]["last_error"]["traceback"] == "tb"
+    for bad in ("1", "yes", "True", ""):
+        error = await error_of(await client.get(f"/tasks?full={bad}"), 422)
+        assert error["code"] == "invalid_query" and error["message"].startswith("full:")
+
+
+async def test_a_full_page_is_cut_by_size_and_the_cursor_leads_on(
+    client: Any, store: FakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api, "FULL_PAGE_BYTES", 2500)
+    for i in range(5):
+        store.add("echo", {"i": i, "pad": "p" * 1000})
+    seen: list[int] = []
+    cursor = ""
+    while True:
+        page = await (await client.get(f"/tasks?full=true&limit=4{cursor}")).get_json()
+        assert 1 <= len(page["items"]) <= 2, "two rows of ~1 KB fit in 2.5 KB, a third does not"
+        seen += [t["id"] for t in page["items"]]
+        if page["next_cursor"] is None:
+            break
+        assert page["next_cursor"] == str(page["items"][-1]["id"])
+        cursor = f"&cursor={page['next_cursor']}"
+    assert seen == [5, 4, 3, 2, 1]
+    monkeypatch.setattr(api, "FULL_PAGE_BYTES", 10)
+    page = await (await client.get("/tasks?full=true")).get_json()
+    assert [t["id"] for t in page["items"]] == [5] and page["next_cursor"] == "5", "one row even if larger"
+
+
+async def test_json_columns_pass_through_undecoded(
+    client: Any, store: FakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Deeper than json.loads (or json.dumps) can go: a row another producer wrote.
+    deep = "[" * 5000 + "]" * 5000
+    task_id = store.add("echo", {})
+    store.tasks[task_id]["status"] = "completed"
+    real_get = store.get
+
+    async def get(task_id: int) -> Task | None:
+        task = await real_get(task_id)
+        return task and dataclasses.replace(task, payload_json=deep, result_json=deep)
+
+    monkeypatch.setattr(store, "get", get)
+    monkeypatch.setattr(store, "wait_finished", lambda task_id, seconds: get(task_id))
+    for path, key in ((f"/tasks/{task_id}", "payload"), (f"/tasks/{task_id}/result", "result")):
+        response = await client.get(path)
+        assert response.status_code == 200
+        text = (await response.get_data()).decode()
+        assert f'"{key}":{deep}' in text
+
+
 async def test_stats_shape(client: Any, store: FakeStore) -> None:
     store.add("echo", {})
     body = await (await client.get("/stats")).get_json()
@@ -158,6 +228,10 @@ async def test_openapi_documents_every_route(client: Any) -> None:
     }.items():
         assert methods <= set(paths[path]), path
     assert "TaskIn" in json.dumps(paths["/tasks"]["post"])
+    listing = paths["/tasks"]["get"]
+    assert "full" in {p["name"] for p in listing["parameters"]} and "8 MB" in listing["description"]
+    assert {"TaskSummaryOut", "TaskOut"} <= set(spec["components"]["schemas"])
+    assert "crashes" in spec["components"]["schemas"]["TaskOut"]["properties"]
     for page in ("/docs", "/redoc"):
         assert (await client.get(page)).status_code == 200
 

@@ -1,4 +1,5 @@
 import logging
+from typing import Any
 
 import pytest
 import trio
@@ -86,3 +87,39 @@ async def test_sleep_validates_and_sleeps(autojump_clock: trio.abc.Clock) -> Non
 
 async def test_echo_returns_payload() -> None:
     assert await builtin_tasks.echo({"a": [1]}, ctx()) == {"a": [1]}
+
+
+def test_enqueue_validates_and_takes_limits_like_the_api() -> None:
+    from taskd import client
+
+    registry = Registry()
+
+    @registry.task("picky", timeout=12, max_retries=7)
+    async def picky(payload: Any, ctx: TaskContext) -> None:
+        return None
+
+    server = Settings(max_retries=1, task_timeout=99)
+    task = client.prepare("picky", {"a": 1}, settings=server, registry=registry)
+    assert (task.max_retries, task.timeout_seconds) == (7, 12.0), "the handler's limits, not 3 and 300"
+    registry.register("plain", lambda payload, ctx: None)
+    plain = client.prepare("plain", {}, settings=server, registry=registry)
+    assert (plain.max_retries, plain.timeout_seconds) == (1, 99.0), "then the server's settings"
+    for bad in [dict(payload=[1, 2]), dict(payload="text"), dict(payload={"x": float("nan")}),
+                dict(payload={"x": "\x00"}), dict(max_retries=-1), dict(max_retries=True), dict(timeout_seconds=0),
+                dict(task_type="nope"), dict(task_type="")]:
+        args = {"task_type": "picky", "payload": {}, **bad}
+        with pytest.raises(InvalidTask):
+            client.prepare(args.pop("task_type"), args.pop("payload"), settings=server, registry=registry, **args)
+
+
+def test_enqueue_reads_the_server_settings_from_the_environment(tmp_path: Any, monkeypatch: Any) -> None:
+    from taskd import client
+    from taskd.config import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("MAX_RETRIES=9\n")
+    monkeypatch.setenv("TASK_TIMEOUT", "42")
+    settings = load_settings()
+    assert (settings.max_retries, settings.task_timeout) == (9, 42.0)
+    task = client.prepare("echo", {}, settings=settings)
+    assert (task.max_retries, task.timeout_seconds) == (9, 42.0)

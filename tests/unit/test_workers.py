@@ -128,7 +128,7 @@ async def test_deleting_a_running_task_cancels_only_its_attempt(autojump_clock: 
         assert pool.gauge.busy == 1
         store.cancel(hang)
         await trio.sleep(1)
-        assert pool.gauge.busy == 0 and pool.held() == []
+        assert pool.gauge.busy == 0 and pool.unfinished() == []
         ok = store.add("ok", {})
         await trio.sleep(1)
         assert store.tasks[ok]["status"] == "completed"
@@ -158,7 +158,7 @@ async def test_cancelled_work_stays_held_for_release(autojump_clock: trio.abc.Cl
         start_pool(nursery, pool)
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
-    assert sorted(pool.held()) == [(ids[0], 1), (ids[1], 1)]
+    assert sorted(pool.unfinished()) == [(ids[0], 1), (ids[1], 1)]
     assert store.outcomes == []
 
 
@@ -181,7 +181,9 @@ async def test_heartbeat_renews_what_is_held_and_cancels_a_lost_lease(autojump_c
         assert sorted(store.heartbeats[-1]) == [(kept, 1), (lost, 1)] and pool.gauge.busy == 2
         store.tasks[lost]["attempts"] = 2  # rescued after an expired lease and claimed elsewhere
         await trio.sleep(2)
-        assert pool.held() == [(kept, 1)] and pool.gauge.busy == 1
+        assert [a.key for a in pool.attempts()] == [(kept, 1)] and pool.gauge.busy == 1
+        assert pool.unfinished() == [(kept, 1)] and store.released == [(lost, 1)], "handed back, fenced"
+        assert store.tasks[lost]["status"] == "running", "the fence kept the newer attempt's row"
         nursery.cancel_scope.cancel()
     assert store.outcomes == [], "the lost attempt records nothing"
 
@@ -195,7 +197,7 @@ async def test_a_task_deleted_before_its_claim_lands_never_runs(autojump_clock: 
         start_pool(nursery, pool)
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
-    assert log == [] and pool.held() == []
+    assert log == [] and pool.unfinished() == []
 
 
 async def test_a_result_postgres_cannot_store_fails_the_attempt(autojump_clock: trio.abc.Clock) -> None:

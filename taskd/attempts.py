@@ -1,0 +1,198 @@
+"""One record per attempt, and the wall around the handler.
+
+An attempt is (task id, attempt number): this process's claim on one run of one
+task, from the claim until its outcome is written. Its record holds everything
+that belongs to that run and nothing keyed by task id alone: the cancel scope,
+the local lease deadline, whether it was deleted or lost its lease, whether its
+outcome was handed over.
+
+`run_handler` is the wall: whatever the handler does, returns or raises (exception
+groups, BaseExceptions, exceptions whose __str__ raises), and whatever the row
+holds, ends as the attempt's outcome here; only this process's own cancellation
+(shutdown) passes through.
+Imports taskd.registry, taskd.quarantine, taskd.failures, taskd.models, taskd.jsontext.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from taskd import failures, jsontext
+from taskd.models import ClaimedTask, attempt_error
+from taskd.quarantine import QuarantinedFailure, run_quarantined
+from taskd.registry import Handler, TaskContext
+
+# A task whose process died under it this many times runs in quarantine.
+QUARANTINE_AFTER_CRASHES = 2
+
+
+class Attempt:
+    """This process's claim on one attempt of one task."""
+
+    __slots__ = ("task", "lease_deadline", "timeout_deadline", "scope", "deleted", "lease_lost", "handed_over")
+
+    def __init__(self, task: ClaimedTask, lease_deadline: float) -> None:
+        self.task = task
+        # By trio's clock, when the lease may run out in the database: counted from
+        # when the claim (or the last renewal) was sent, so it never trails the row's.
+        self.lease_deadline = lease_deadline
+        self.timeout_deadline = math.inf
+        self.scope: trio.CancelScope | None = None
+        self.deleted = False
+        self.lease_lost = False
+        self.handed_over = False  # its outcome is with the writer, not yet written
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.task.id, self.task.attempt)
+
+    @property
+    def quarantined(self) -> bool:
+        return self.task.crashes >= QUARANTINE_AFTER_CRASHES
+
+    def extend_lease(self, deadline: float) -> None:
+        self.lease_deadline = deadline
+        if self.scope is not None:
+            self.scope.deadline = min(self.timeout_deadline, deadline)
+
+    def stop(self, *, deleted: bool = False, lease_lost: bool = False) -> None:
+        """Cancel the attempt: the task was deleted, or this process may no longer own it."""
+        self.deleted |= deleted
+        self.lease_lost |= lease_lost
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+class HandlerEnded:
+    """How the handler's run ended: a result (JSON text) or an error, and whether its deadline fired."""
+
+    __slots__ = ("result_json", "error", "timed_out", "lease_ran_out")
+
+    def __init__(self) -> None:
+        self.result_json: str | None = None
+        self.error: BaseException | None = None
+        self.timed_out = False
+        self.lease_ran_out = False
+
+    def error_json(self, attempt: int) -> str:
+        assert self.error is not None
+        try:
+            if isinstance(self.error, QuarantinedFailure):
+                return jsontext.dumps({**self.error.described, "attempt": attempt})
+            return failures.describe_json(self.error, attempt)
+        except jsontext.NotJsonError as exc:  # not expected: described text is escaped; still, never lose the attempt
+            return jsontext.dumps(attempt_error(failures.error_type(self.error), f"(undescribable: {exc})", attempt))
+
+
+class ThreadTracker:
+    """Plain-`def` handlers' threads: bounded in number, abandoned ones included, and
+    known by task, so a task's next attempt never starts here while a thread of an
+    earlier one still runs."""
+
+    def __init__(self, limit: int, on_idle: Callable[[], None] = lambda: None) -> None:
+        self.limiter = trio.CapacityLimiter(limit)
+        self.by_task: collections.Counter[int] = collections.Counter()
+        self._on_idle = on_idle
+
+    def _ended(self, task_id: int) -> None:
+        self.by_task[task_id] -= 1
+        if self.by_task[task_id] <= 0:
+            del self.by_task[task_id]
+            self._on_idle()
+
+    async def run(self, task_id: int, fn: Callable[[], Any]) -> Any:
+        """Run fn in a thread; on cancel the thread is abandoned and its result ignored."""
+        token = trio.lowlevel.current_trio_token()
+        lock = threading.Lock()
+        state = ["waiting"]  # -> "running" (in the thread) or "void" (cancelled before it started)
+
+        def in_thread() -> Any:
+            with lock:
+                if state[0] == "void":
+                    return None
+                state[0] = "running"
+            try:
+                return fn()
+            finally:
+                try:
+                    trio.from_thread.run_sync(self._ended, task_id, trio_token=token)
+                except trio.RunFinishedError:
+                    pass
+
+        self.by_task[task_id] += 1
+        try:
+            return await trio.to_thread.run_sync(in_thread, abandon_on_cancel=True, limiter=self.limiter)
+        finally:
+            with lock:
+                never_started = state[0] == "waiting"
+                if never_started:
+                    state[0] = "void"
+            if never_started:
+                self._ended(task_id)
+
+
+async def run_handler(attempt: Attempt, handler: Handler, threads: ThreadTracker,
+                      task_modules: tuple[str, ...]) -> HandlerEnded:
+    """Run the attempt under its timeout and lease deadline; see the module's docstring."""
+    task = attempt.task
+    ended = HandlerEnded()
+    attempt.timeout_deadline = trio.current_time() + task.timeout_seconds
+    scope = trio.CancelScope(deadline=min(attempt.timeout_deadline, attempt.lease_deadline))
+    attempt.scope = scope
+    try:
+        with scope:
+            try:
+                if attempt.quarantined:
+                    ended.result_json = await run_quarantined(task, task_modules)
+                else:
+                    ctx = TaskContext(task.id, task.task_type, task.attempt, task.max_retries)
+                    payload = failures.decode_payload(task.payload_json)
+                    if handler.is_async:
+                        result = await handler.fn(payload, ctx)
+                    else:
+                        result = await threads.run(task.id, functools.partial(handler.fn, payload, ctx))
+                    ended.result_json = failures.encode_result(result)
+            except BaseException as exc:  # noqa: BLE001  (the wall: see the module docstring)
+                ended.error = exc
+                ended.result_json = None
+    finally:
+        attempt.scope = None
+    # A cancellation of this process's own (shutdown) is not the attempt's outcome:
+    # it was swallowed above with the handler's errors, and is raised again here.
+    await trio.lowlevel.checkpoint_if_cancelled()
+    if scope.cancel_called and not attempt.deleted:
+        now = trio.current_time()
+        if attempt.lease_lost or now >= attempt.lease_deadline:
+            ended.lease_ran_out = True
+        elif now >= attempt.timeout_deadline:
+            ended.timed_out = True
+            cause = ended.error
+            ended.error = failures.AttemptTimeout(
+                f"attempt {task.attempt} exceeded its timeout of {task.timeout_seconds:g}s"
+                + (f" (and raised {failures.error_type(cause)}: {failures.error_message(cause)})"
+                   if cause is not None and not _only_cancelled(cause) else ""))
+            ended.result_json = None
+    return ended
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
+def crash_error(task: ClaimedTask, crash: failures.Crashed, max_crashes: int) -> tuple[str, bool]:
+    """The stored error of a quarantined attempt that crashed, and whether the task gives up."""
+    crashes = task.crashes + 1
+    give_up = crashes >= max_crashes
+    message = failures.error_message(crash)
+    if give_up:
+        message = f"crashed {crashes} times (MAX_CRASHES {max_crashes}); not run again. Last: {message}"
+    return jsontext.dumps(attempt_error("Crashed", message, task.attempt)), give_up

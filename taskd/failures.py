@@ -1,0 +1,99 @@
+"""How a failed attempt is described for storage, whatever failed.
+
+A handler may raise anything: an exception group, a BaseException, an exception
+whose __str__ raises or holds text jsonb refuses (NUL, lone surrogates). What is
+kept is always a plain JSON object of storable text; describing never raises.
+Imports taskd.models and taskd.jsontext.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import trio
+
+from taskd import jsontext
+from taskd.models import attempt_error
+
+TRACEBACK_CHARS = 2000
+MESSAGE_CHARS = 2000
+GROUP_MEMBERS = 5
+
+
+class AttemptTimeout(Exception):
+    """The attempt ran longer than its timeout."""
+
+
+class ResultNotJSON(TypeError):
+    """The handler returned something that cannot be stored as JSON."""
+
+
+class PayloadUnreadable(ValueError):
+    """The task's stored payload cannot be decoded (written by another producer)."""
+
+
+class Crashed(Exception):
+    """The attempt's quarantine process died without reporting an outcome."""
+
+
+def _safe(call: Any, fallback: str) -> str:
+    try:
+        text = call()
+        if not isinstance(text, str):
+            text = fallback
+    except BaseException as exc:  # noqa: BLE001  (describing must never raise, whatever __str__ does)
+        if isinstance(exc, trio.Cancelled):
+            raise
+        text = fallback
+    return jsontext.storable(text)
+
+
+def error_type(exc: BaseException) -> str:
+    return _safe(lambda: type(exc).__qualname__, "<unnamed exception>")
+
+
+def error_message(exc: BaseException) -> str:
+    """The exception's message; for a group, its members' types and messages."""
+    if isinstance(exc, BaseExceptionGroup):
+        parts = [f"{error_type(e)}: {error_message(e)}" for e in exc.exceptions[:GROUP_MEMBERS]]
+        more = len(exc.exceptions) - GROUP_MEMBERS
+        if more > 0:
+            parts.append(f"and {more} more")
+        head = _safe(lambda: exc.message, "")
+        return f"{head} [{'; '.join(parts)}]"[:MESSAGE_CHARS]
+    return _safe(lambda: str(exc), f"<unprintable {error_type(exc)}>")[:MESSAGE_CHARS]
+
+
+def error_traceback(exc: BaseException) -> str:
+    tb = _safe(lambda: "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8)),
+               "<traceback unavailable>")
+    return tb[-TRACEBACK_CHARS:]
+
+
+def describe_error(exc: BaseException, attempt: int) -> dict[str, Any]:
+    """What is kept of a failed attempt: type, message and the tail of the traceback."""
+    return attempt_error(error_type(exc), error_message(exc), attempt, error_traceback(exc))
+
+
+def describe_json(exc: BaseException, attempt: int) -> str:
+    """describe_error as JSON text jsonb accepts."""
+    return jsontext.dumps(describe_error(exc, attempt))
+
+
+def encode_result(result: Any) -> str:
+    """The handler's return value as JSON text, or ResultNotJSON."""
+    try:
+        return jsontext.dumps(result)
+    except jsontext.NotJsonError as exc:
+        kind = _safe(lambda: type(result).__qualname__, "?")
+        raise ResultNotJSON(f"result of type {kind} is not JSON-serialisable: {exc}") from None
+
+
+def decode_payload(payload_json: str) -> Any:
+    """The stored payload, or PayloadUnreadable."""
+    try:
+        return jsontext.loads(payload_json)
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise PayloadUnreadable(f"the stored payload cannot be decoded: {type(exc).__name__}: "
+                                f"{str(exc)[:200]}") from None

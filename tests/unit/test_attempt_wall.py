@@ -1,0 +1,303 @@
+"""The attempt's scope is a wall: whatever a handler raises or returns, and whatever a row
+holds, becomes that attempt's outcome, and the loops go on. A property test throws
+arbitrary exceptions and arbitrary JSON at the worker pool."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from taskd import failures, jsontext
+from taskd.config import Settings
+from taskd.errors import DatabaseUnavailable
+from taskd.models import WorkerGauge
+from taskd.registry import Registry, TaskContext
+from taskd.workers import WorkerPool
+
+from .fakes import FakeStore
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no __str__ for you")
+
+
+class Weird(BaseException):
+    pass
+
+
+def _exception(kind: str, message: str) -> BaseException:
+    return {
+        "value": lambda: ValueError(message),
+        "keyboard": lambda: KeyboardInterrupt(message),
+        "exit": lambda: SystemExit(message),
+        "base": lambda: BaseException(message),
+        "weird": lambda: Weird(message),
+        "unprintable": lambda: Unprintable(),
+        "group": lambda: ExceptionGroup(message, [ValueError(message), TypeError("t")]),
+        "basegroup": lambda: BaseExceptionGroup(message, [KeyboardInterrupt(), ValueError(message)]),
+    }[kind]()
+
+
+EXCEPTION_KINDS = ["value", "keyboard", "exit", "base", "weird", "unprintable", "group", "basegroup"]
+NASTY_TEXT = st.text(alphabet=st.characters(codec=None, min_codepoint=0, max_codepoint=0x10FFFF,
+                                            categories=None), max_size=30) | st.sampled_from(
+    ["nul\x00here", "lone \udc80 surrogate", "\ud800", ""])
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=10,
+)
+# What a handler may do: raise something, return JSON, or return something that is not JSON.
+BEHAVIOUR = st.one_of(
+    st.tuples(st.just("raise"), st.sampled_from(EXCEPTION_KINDS), NASTY_TEXT),
+    st.tuples(st.just("return"), JSON),
+    st.tuples(st.just("garbage"), st.sampled_from(["set", "nan", "object", "nul", "surrogate"])),
+)
+
+
+def _garbage(kind: str) -> Any:
+    return {"set": {1, 2}, "nan": float("nan"), "object": object(), "nul": "a\x00b",
+            "surrogate": "\udcff"}[kind]
+
+
+def _registry(behaviours: dict[int, Any]) -> Registry:
+    registry = Registry()
+
+    @registry.task("act")
+    async def act(payload: Any, ctx: TaskContext) -> Any:
+        await trio.sleep(0.01)
+        what = behaviours[payload["i"]]
+        if what[0] == "raise":
+            raise _exception(what[1], what[2])
+        if what[0] == "garbage":
+            return _garbage(what[1])
+        return what[1]
+
+    @registry.task("fine")
+    async def fine(payload: Any, ctx: TaskContext) -> Any:
+        await trio.sleep(0.01)
+        return "ok"
+
+    return registry
+
+
+async def _drain(store: FakeStore, registry: Registry, size: int = 3) -> WorkerPool:
+    pool = WorkerPool(store, registry, Settings(worker_pool_size=size, max_threads=4, retry_delay=0.5),  # type: ignore[arg-type]
+                      WorkerGauge(size))
+    async with trio.open_nursery() as nursery:
+        send, receive = pool.open_channel()
+        with receive:
+            for _ in range(size):
+                nursery.start_soon(pool.work_loop, receive.clone())
+        nursery.start_soon(pool.claim_loop, send)
+        with trio.fail_after(10_000):
+            await store.finished_event.wait()
+        pool.stop_claiming()
+    return pool
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(BEHAVIOUR, min_size=1, max_size=6), st.lists(JSON, min_size=1, max_size=3))
+def test_any_handler_behaviour_or_payload_becomes_an_outcome_and_the_loops_survive(
+        behaviours: list[Any], payload_extras: list[Any]) -> None:
+    store = FakeStore()
+    acting = {store.add("act", {"i": i, "extra": payload_extras[i % len(payload_extras)]}, max_retries=1): b
+              for i, b in enumerate(behaviours)}
+    innocent = [store.add("fine", {}) for _ in range(3)]
+    trio.run(_drain, store, _registry({i: b for i, b in enumerate(behaviours)}),
+             clock=trio.testing.MockClock(autojump_threshold=0))
+    for task_id, behaviour in acting.items():
+        row = store.tasks[task_id]
+        expected = "completed" if behaviour[0] == "return" else "failed"
+        assert row["status"] == expected, (behaviour, row)
+        for error in row["errors"]:
+            assert isinstance(error["type"], str) and isinstance(error["message"], str)
+            jsontext.dumps(error)  # storable as it is: NUL and surrogates escaped
+    assert all(store.tasks[i]["status"] == "completed" for i in innocent)
+
+
+def test_describing_never_raises_and_escapes_what_jsonb_refuses() -> None:
+    group = BaseExceptionGroup("g", [Unprintable(), KeyboardInterrupt()])
+    group = BaseExceptionGroup("g", [Unprintable(), KeyboardInterrupt()])
+    for exc in [Unprintable(), ValueError("a\x00b \udc80"), group]:
+        text = failures.describe_json(exc, 1)
+        described = json.loads(text)
+        assert described["type"] and isinstance(described["message"], str)
+    assert json.loads(failures.describe_json(ValueError("a\x00b \udc80"), 1))["message"] == "a\\x00b \\udc80"
+    assert "unprintable Unprintable" in failures.error_message(Unprintable())
+
+
+async def test_a_group_raised_while_the_timeout_cancels_is_a_timeout(autojump_clock: trio.abc.Clock) -> None:
+    registry = Registry()
+
+    @registry.task("group_on_cancel")
+    async def group_on_cancel(payload: Any, ctx: TaskContext) -> None:
+        async def raise_when_cancelled() -> None:
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                raise ValueError("cleanup failed") from None
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(raise_when_cancelled)
+            nursery.start_soon(trio.sleep_forever)
+
+    store = FakeStore()
+    poison = store.add("group_on_cancel", {}, max_retries=0, timeout=2)
+    await _drain(store, registry)
+    error = store.tasks[poison]["errors"][0]
+    assert store.tasks[poison]["status"] == "failed" and error["type"] == "AttemptTimeout"
+    assert "ValueError: cleanup failed" in error["message"]
+
+
+async def test_a_payload_that_cannot_be_decoded_fails_only_its_task(autojump_clock: trio.abc.Clock) -> None:
+    store = FakeStore()
+    deep = store.add("fine", {}, max_retries=3)
+    store.tasks[deep]["payload_json"] = "[" * 100_000 + "]" * 100_000  # another producer wrote it
+    good = store.add("fine", {})
+    await _drain(store, _registry({}))
+    assert store.tasks[deep]["status"] == "failed" and store.tasks[deep]["attempts"] == 1, "not retried"
+    assert store.tasks[deep]["errors"][0]["type"] == "PayloadUnreadable"
+    assert store.tasks[good]["status"] == "completed"
+
+
+class FlakyHeartbeatStore(FakeStore):
+    """Heartbeats fail while `down` is set; outcomes wait for `write()` when `hold` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.hold = False
+        self.held_outcomes: list[Any] = []
+
+    async def heartbeat(self, lease: float, held: Any, workers: int, busy: int) -> set[tuple[int, int]]:
+        if self.down:
+            await trio.sleep(0.1)
+            raise DatabaseUnavailable("connection refused")
+        return await super().heartbeat(lease, held, workers, busy)
+
+    async def release(self, claims: Any) -> None:
+        if self.down:
+            raise DatabaseUnavailable("connection refused")
+        await super().release(claims)
+
+    async def record(self, outcome: Any) -> None:
+        if self.hold:
+            self.held_outcomes.append(outcome)
+        else:
+            await super().record(outcome)
+
+    async def write(self) -> None:
+        outcomes, self.held_outcomes = self.held_outcomes, []
+        for outcome in outcomes:
+            await super().record(outcome)
+
+
+def _lease_registry(log: list[Any]) -> Registry:
+    registry = Registry()
+
+    @registry.task("long")
+    async def long(payload: Any, ctx: TaskContext) -> Any:
+        log.append(("start", ctx.task_id, ctx.attempt))
+        await trio.sleep(payload["seconds"])
+        log.append(("end", ctx.task_id, ctx.attempt))
+        return "done"
+
+    return registry
+
+
+async def test_an_attempt_cut_off_from_the_database_stops_before_its_lease_runs_out_then_is_released(
+        autojump_clock: trio.abc.Clock) -> None:
+    store, log = FlakyHeartbeatStore(), []
+    task_id = store.add("long", {"seconds": 100}, max_retries=0, timeout=1000)
+    pool = WorkerPool(store, _lease_registry(log), Settings(worker_pool_size=1, lease_seconds=3),  # type: ignore[arg-type]
+                      WorkerGauge(1))
+    async with trio.open_nursery() as nursery:
+        send, receive = pool.open_channel()
+        nursery.start_soon(pool.work_loop, receive)
+        nursery.start_soon(pool.claim_loop, send)
+        nursery.start_soon(pool.heartbeat_loop)
+        await trio.sleep(0.5)
+        assert pool.gauge.busy == 1
+        store.down = True
+        claimed_at = 0.0  # the claim was sent at the start of the run
+        await trio.sleep(2.9 - trio.current_time() + claimed_at)
+        assert pool.gauge.busy == 1, "still inside its lease"
+        await trio.sleep(0.2)
+        assert pool.gauge.busy == 0, "cancelled once the local lease deadline passed"
+        assert store.outcomes == [] and pool.unfinished() == [(task_id, 1)]
+        store.down = False
+        with trio.fail_after(5):
+            while not store.released:  # noqa: ASYNC110  (polled state of a fake)
+                await trio.sleep(0.1)
+        assert store.released == [(task_id, 1)]
+        pool.stop_claiming()
+        nursery.cancel_scope.cancel()
+    assert log[0] == ("start", task_id, 1) and ("end", task_id, 1) not in log
+
+
+async def test_a_lease_is_renewed_until_the_outcome_is_written_not_handed_over(
+        autojump_clock: trio.abc.Clock) -> None:
+    store, log = FlakyHeartbeatStore(), []
+    task_id = store.add("long", {"seconds": 1}, max_retries=0, timeout=1000)
+    store.hold = True  # the outcome writer is slow (an outage, a long batch)
+    pool = WorkerPool(store, _lease_registry(log), Settings(worker_pool_size=1, lease_seconds=3),  # type: ignore[arg-type]
+                      WorkerGauge(1))
+    async with trio.open_nursery() as nursery:
+        send, receive = pool.open_channel()
+        nursery.start_soon(pool.work_loop, receive)
+        nursery.start_soon(pool.claim_loop, send)
+        nursery.start_soon(pool.heartbeat_loop)
+        await trio.sleep(20)  # far past the lease: renewed all along
+        assert len(store.held_outcomes) == 1 and (task_id, 1) in store.heartbeats[-1]
+        assert [a.key for a in pool.attempts()] == [(task_id, 1)]
+        await store.write()
+        assert pool.attempts() == [] and store.tasks[task_id]["status"] == "completed"
+        await trio.sleep(2)
+        assert (task_id, 1) not in store.heartbeats[-1]
+        pool.stop_claiming()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_hung_thread_keeps_its_tasks_next_attempt_out_of_this_process() -> None:
+    release = threading.Event()
+    registry = Registry()
+    runs: list[int] = []
+
+    @registry.task("stuck")
+    def stuck(payload: Any, ctx: TaskContext) -> str:
+        runs.append(ctx.attempt)
+        release.wait(10)
+        return "late"
+
+    store = FakeStore()
+    task_id = store.add("stuck", {}, max_retries=3, timeout=0.2)
+    pool = WorkerPool(store, registry, Settings(worker_pool_size=1, max_threads=4, retry_delay=0),  # type: ignore[arg-type]
+                      WorkerGauge(1))
+    try:
+        async with trio.open_nursery() as nursery:
+            send, receive = pool.open_channel()
+            nursery.start_soon(pool.work_loop, receive)
+            nursery.start_soon(pool.claim_loop, send)
+            with trio.fail_after(5):
+                while store.tasks[task_id]["status"] != "retrying":  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            await trio.sleep(0.5)  # due again at once, yet not claimed here while its thread runs
+            assert runs == [1] and pool.threads.by_task[task_id] == 1
+            assert any(task_id in skip for skip in store.skips)
+            release.set()
+            with trio.fail_after(5):
+                while len(runs) < 2:  # noqa: ASYNC110  (a thread appends)
+                    await trio.sleep(0.01)
+            pool.stop_claiming()
+            nursery.cancel_scope.cancel()
+    finally:
+        release.set()
