@@ -77,6 +77,21 @@ def classify(exc: BaseException) -> DatabaseError | None:
     return None
 
 
+def route_loop_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Send what the asyncio loop reports on its own (a connection's future nobody awaits
+    any more, as when a connect is cancelled at shutdown) to taskd's log: a dropped
+    connection is routine there, and must not add traceback lines to a one-line exit."""
+
+    def handle(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if exc is None or classify(exc) is not None:
+            log.debug("asyncio: %s (%r)", context.get("message"), exc)
+        else:
+            log.warning("asyncio: %s: %s", context.get("message"), _describe(exc))
+
+    loop.set_exception_handler(handle)
+
+
 @contextlib.contextmanager
 def _translated() -> Iterator[None]:
     try:

@@ -25,7 +25,7 @@ import trio
 import trio_asyncio
 from hypercorn.config import Config as HypercornConfig
 
-from taskd import maintenance, startup
+from taskd import db, maintenance, startup
 from taskd.api import create_app
 from taskd.config import Settings, redacted_url
 from taskd.errors import DatabaseError
@@ -81,7 +81,8 @@ def _bind(host: str, port: int) -> str:
 
 async def serve(settings: Settings, registry: Registry, url: str, *, banner: str = "") -> None:
     """Run the API and the workers until a signal; returns after a clean shutdown."""
-    async with trio_asyncio.open_loop():
+    async with trio_asyncio.open_loop() as loop:
+        db.route_loop_errors(loop)
         store = await startup.open_store(settings, url, connect=Store.open)
         try:
             await _run(store, settings, registry, url, banner)
