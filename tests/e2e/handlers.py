@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+import uuid
 from typing import Any
 
 import trio
@@ -24,3 +27,118 @@ async def wait_for_file(payload: dict[str, Any], ctx: taskd.TaskContext) -> str:
     while not await path.exists():  # noqa: ASYNC110  (another process creates the file)
         await trio.sleep(0.05)
     return "released"
+
+
+# -- the fault-injection suite (tests/e2e/faults) -------------------------------------------------
+#
+# `record` and `sync_hang` append one line per execution start and finish to the file named by
+# TASKD_TEST_RECORD: "<kind> <task id> <attempt> <pid> <unix time> <execution token>", where kind
+# is start, end (the handler finished) or cancelled (trio cancelled it). The token pairs a start
+# with its finish even when the same attempt number runs twice (an attempt released uncounted).
+# The rest are poison: each misbehaves in one way a handler can, and must fail only its attempt.
+
+RECORD_ENV = "TASKD_TEST_RECORD"
+
+
+def _record_line(kind: str, ctx: taskd.TaskContext, token: str) -> None:
+    path = os.environ.get(RECORD_ENV)
+    if not path:
+        return
+    line = f"{kind} {ctx.task_id} {ctx.attempt} {os.getpid()} {time.time():.6f} {token}\n"
+    # One write() of one whole line on an O_APPEND descriptor: lines from several processes
+    # never interleave.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+@taskd.task("record")
+async def record(payload: dict[str, Any], ctx: taskd.TaskContext) -> dict[str, int]:
+    """Sleeps payload.seconds (default 0), writing a start line and an end (or cancelled) line."""
+    token = uuid.uuid4().hex[:12]
+    _record_line("start", ctx, token)
+    try:
+        await trio.sleep(payload.get("seconds", 0))
+    except trio.Cancelled:
+        _record_line("cancelled", ctx, token)
+        raise
+    _record_line("end", ctx, token)
+    return {"task_id": ctx.task_id}
+
+
+@taskd.task("sync_hang")
+def sync_hang(payload: dict[str, Any], ctx: taskd.TaskContext) -> dict[str, int]:
+    """A plain def that blocks its thread for payload.seconds (recorded like `record`)."""
+    token = uuid.uuid4().hex[:12]
+    _record_line("start", ctx, token)
+    time.sleep(payload["seconds"])
+    _record_line("end", ctx, token)
+    return {"task_id": ctx.task_id}
+
+
+@taskd.task("exit_process")
+async def exit_process(payload: dict[str, Any], ctx: taskd.TaskContext) -> None:
+    """Takes down whatever process runs it, at once, without cleanup."""
+    _record_line("start", ctx, uuid.uuid4().hex[:12])
+    os._exit(3)
+
+
+@taskd.task("raise_nul")
+async def raise_nul(payload: dict[str, Any], ctx: taskd.TaskContext) -> None:
+    """An error message PostgreSQL's text and jsonb refuse as is: a NUL and a lone surrogate."""
+    raise ValueError("bad\x00byte \udc80")
+
+
+@taskd.task("raise_group_on_cancel")
+async def raise_group_on_cancel(payload: dict[str, Any], ctx: taskd.TaskContext) -> None:
+    """Hangs; when the attempt's timeout cancels it, one child raises instead, so the handler
+    ends in BaseExceptionGroup(Cancelled, ValueError)."""
+
+    async def raise_when_cancelled() -> None:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            raise ValueError("raised while being cancelled") from None  # noqa: ASYNC120
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.sleep_forever)
+        nursery.start_soon(raise_when_cancelled)
+
+
+@taskd.task("raise_keyboard_interrupt")
+async def raise_keyboard_interrupt(payload: dict[str, Any], ctx: taskd.TaskContext) -> None:
+    raise KeyboardInterrupt
+
+
+@taskd.task("raise_base_exception")
+async def raise_base_exception(payload: dict[str, Any], ctx: taskd.TaskContext) -> None:
+    raise BaseException("x")
+
+
+class UnprintableError(Exception):
+    """An exception that cannot be turned into text."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("this exception refuses to be printed")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("this exception refuses to be printed")
+
+
+@taskd.task("raise_unprintable")
+async def raise_unprintable(payload: dict[str, Any], ctx: taskd.TaskContext) -> None:
+    raise UnprintableError()
+
+
+@taskd.task("return_garbage")
+async def return_garbage(payload: dict[str, Any], ctx: taskd.TaskContext) -> set[int]:
+    """A result that is not JSON."""
+    return {1, 2, 3}
+
+
+@taskd.task("return_nan")
+async def return_nan(payload: dict[str, Any], ctx: taskd.TaskContext) -> float:
+    """A result JSON text can carry but jsonb refuses."""
+    return float("nan")

@@ -1,0 +1,78 @@
+"""Handlers that misbehave in every way a handler can (tests/e2e/handlers.py) fail only their own
+attempts: the process stays up, the tasks beside them complete, each failure is readable."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+from tests.e2e.conftest import TaskdProcess
+
+from .conftest import record_tasks, report, submit_batch, task_rows, tracebacks, wait_all_finished
+
+Launch = Callable[..., TaskdProcess]
+
+POISON: dict[str, dict[str, Any]] = {
+    "raise_nul": {},
+    "raise_group_on_cancel": {},
+    "raise_keyboard_interrupt": {},
+    "raise_base_exception": {},
+    "raise_unprintable": {},
+    "return_garbage": {},
+    "return_nan": {},
+    "sync_hang": {"seconds": 3},  # beyond --task-timeout 2
+}
+EXPECTED_TYPE = {
+    "raise_nul": "ValueError",
+    "raise_keyboard_interrupt": "KeyboardInterrupt",
+    "raise_base_exception": "BaseException",
+    "raise_unprintable": "UnprintableError",
+}
+INSTANCES = 3
+
+
+def test_poison_handlers_fail_only_their_own_attempts_with_readable_errors(
+    database_url: str, launch_taskd: Launch, record_path: pathlib.Path
+) -> None:
+    server = launch_taskd(database_url, "--max-retries", "1", "--retry-delay", "0.1", "--task-timeout", "2")
+    ordinary = record_tasks(200, 0.05)
+    tasks: list[dict[str, Any]] = []
+    kinds: list[str] = []
+    for index, task in enumerate(ordinary):  # poison spread among the ordinary tasks
+        tasks.append(task)
+        kinds.append("record")
+        if index % 8 == 0 and index // 8 < INSTANCES * len(POISON):
+            name = list(POISON)[(index // 8) % len(POISON)]
+            tasks.append({"task_type": name, "payload": POISON[name]})
+            kinds.append(name)
+    ids = submit_batch(server, tasks)
+    counts = wait_all_finished(database_url, len(ids), 90, what="every task", watch=[server])
+    rows = task_rows(database_url)
+    by_kind = dict(zip(ids, kinds, strict=True))
+    poison_ids = [i for i in ids if by_kind[i] != "record"]
+    seen = {name: sorted({(rows[i].status, (rows[i].last_error or {}).get("type")) for i in ids if by_kind[i] == name})
+            for name in POISON}
+    report("poison handlers", tasks=len(rows), statuses=dict(counts), poison=len(poison_ids), outcomes=seen,
+           alive=server.proc.poll() is None, tracebacks=tracebacks(server))
+    assert server.proc.poll() is None, "no handler takes the process down"
+    assert sum(k != "record" for k in kinds) == INSTANCES * len(POISON)
+    assert all(rows[i].status == "completed" for i in ids if by_kind[i] == "record"), \
+        {i: rows[i].status for i in ids if by_kind[i] == "record" and rows[i].status != "completed"}
+    for task_id in poison_ids:
+        name, row = by_kind[task_id], rows[task_id]
+        assert row.status == "failed", (name, row)
+        assert row.attempts == 2 and len(row.errors) == 2, (name, "retried once (--max-retries 1)", row)
+        error = row.last_error or {}
+        assert isinstance(error.get("type"), str) and error["type"], (name, error)
+        assert isinstance(error.get("message"), str), (name, error)
+        if name in EXPECTED_TYPE:
+            assert error["type"] == EXPECTED_TYPE[name], (name, error)
+        response = server.http.get(f"/tasks/{task_id}")
+        assert response.status_code == 200, (name, response.text)
+        assert response.json()["status"] == "failed"
+    for task_id in (i for i in poison_ids if by_kind[i] == "raise_nul"):
+        message = rows[task_id].last_error["message"]  # type: ignore[index]
+        assert "bad" in message and "byte" in message, f"kept, escaped, not refused: {message!r}"
+        assert "\x00" not in message and "\\" in message, f"NUL and surrogate written as escapes: {message!r}"
+        message.encode("utf-8")  # no lone surrogate left
