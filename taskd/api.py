@@ -256,7 +256,8 @@ def create_app(store: Store, registry: Registry, settings: Settings, gauge: Work
 
     @app.errorhandler(DatabaseUnavailable)
     async def on_db_down(exc: DatabaseUnavailable) -> Response:
-        log.warning("request failed, database unavailable: %s", exc)
+        # Debug only: the outage itself is logged once, by the store, not once per request.
+        log.debug("request failed, database unavailable: %s", exc)
         return error_response(503, "database_unavailable", "the database is unreachable; try again")
 
     @app.errorhandler(CoalescerClosed)

@@ -91,6 +91,9 @@ def configure_logging(level: str) -> None:
     if level != "DEBUG":
         for noisy in ("asyncio", "trio_asyncio", "pgserver"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # During an outage asyncpg's pool logs a traceback each time it fails to reopen
+        # its idle connections; taskd reports the outage itself, once.
+        logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
 
 
 class StopSignals:

@@ -19,7 +19,8 @@ log = logging.getLogger("taskd.database")
 
 FIRST_REMINDER = 5.0
 MAX_REMINDER = 300.0
-SETTLE = 5.0  # failures this soon after a recovery continue the same story quietly
+SETTLE = 5.0  # a failure this soon after a recovery is announced only if it...
+PERSISTS = 1.0  # ...goes on this long
 
 
 class OutageLog:
@@ -45,18 +46,23 @@ class OutageLog:
             self._next_reminder = now + self._interval
             self._announced = now - self._recovered_at >= SETTLE
             if self._announced:
-                self.outages += 1
-                log.warning("database unavailable (%s: %s); retrying, and serving 503 meanwhile", where, reason)
+                self._announce(where, reason)
             else:
                 log.debug("database unavailable again (%s: %s)", where, reason)
             return
+        if not self._announced:
+            if now - self.started >= PERSISTS:  # not one stale connection: a new outage
+                self._announce(where, reason)
+            return
         if now >= self._next_reminder:
-            if not self._announced:
-                self._announced = True
-                self.outages += 1
             log.warning("database still unavailable after %.0fs (%s: %s)", now - self.started, where, reason)
             self._interval = min(self._interval * 2, MAX_REMINDER)
             self._next_reminder = now + self._interval
+
+    def _announce(self, where: str, reason: object) -> None:
+        self._announced = True
+        self.outages += 1
+        log.warning("database unavailable (%s: %s); retrying, and serving 503 meanwhile", where, reason)
 
     def succeeded(self) -> None:
         """A statement went through."""

@@ -365,7 +365,7 @@ def launch_taskd(record_path: pathlib.Path, request: pytest.FixtureRequest,
     for process in started:
         process.close()
         lines = process.lines
-        shown = lines if failed else lines[-12:]
+        shown = lines if failed or os.environ.get("TASKD_FAULTS_FULL_LOG") else lines[-12:]
         print(f"--- taskd on port {process.port} (pid {process.proc.pid}, exit {process.proc.returncode}, "
               f"{len(lines)} lines{'' if failed else ', the last 12'}) ---\n{''.join(shown)}")
 
