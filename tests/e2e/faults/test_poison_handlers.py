@@ -9,7 +9,7 @@ from typing import Any
 
 from tests.e2e.conftest import TaskdProcess
 
-from .conftest import record_tasks, report, submit_batch, task_rows, tracebacks, wait_all_finished
+from .conftest import db_fetch, record_tasks, report, submit_batch, task_rows, tracebacks, wait_all_finished
 
 Launch = Callable[..., TaskdProcess]
 
@@ -76,3 +76,25 @@ def test_poison_handlers_fail_only_their_own_attempts_with_readable_errors(
         assert "bad" in message and "byte" in message, f"kept, escaped, not refused: {message!r}"
         assert "\x00" not in message and "\\" in message, f"NUL and surrogate written as escapes: {message!r}"
         message.encode("utf-8")  # no lone surrogate left
+
+
+def test_a_row_nested_too_deep_to_decode_fails_its_task_and_never_stops_a_start(
+    database_url: str, launch_taskd: Launch
+) -> None:
+    # Written by another producer: 5,000 levels of nested arrays, deeper than Python's json decodes.
+    deep = "[" * 5000 + "]" * 5000
+    (row,) = db_fetch(database_url, "INSERT INTO taskd.tasks (task_type, payload, max_retries, timeout_seconds) "
+                                    "VALUES ('echo', json_build_object('x', $1::jsonb)::jsonb, 3, 10) RETURNING id",
+                      deep)
+    server = launch_taskd(database_url)  # the row is waiting when the process starts
+    ids = submit_batch(server, record_tasks(20))
+    wait_all_finished(database_url, len(ids) + 1, 60, what="every task", watch=[server])
+    rows = task_rows(database_url)
+    poisoned = rows[row["id"]]
+    report("undecodable payload", status=poisoned.status, attempts=poisoned.attempts,
+           error=(poisoned.last_error or {}).get("type"), alive=server.proc.poll() is None)
+    assert server.proc.poll() is None
+    assert (poisoned.status, poisoned.attempts) == ("failed", 1), "not retried: it will not decode next time"
+    assert (poisoned.last_error or {}).get("type") == "PayloadUnreadable"
+    assert all(rows[i].status == "completed" for i in ids)
+    assert server.http.get(f"/tasks/{row['id']}").status_code == 200
