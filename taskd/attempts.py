@@ -36,7 +36,8 @@ QUARANTINE_AFTER_CRASHES = 2
 class Attempt:
     """This process's claim on one attempt of one task."""
 
-    __slots__ = ("task", "lease_deadline", "timeout_deadline", "scope", "deleted", "lease_lost", "handed_over")
+    __slots__ = ("task", "lease_deadline", "timeout_deadline", "scope", "deleted", "lease_lost", "handed_over",
+                 "cancelled_at", "abandoned")
 
     def __init__(self, task: ClaimedTask, lease_deadline: float) -> None:
         self.task = task
@@ -48,6 +49,8 @@ class Attempt:
         self.deleted = False
         self.lease_lost = False
         self.handed_over = False  # its outcome is with the writer, not yet written
+        self.cancelled_at: float | None = None  # first seen cancelled yet still running (heartbeat's view)
+        self.abandoned = False  # its handler ignores cancellation; its lease is left to run out
 
     @property
     def key(self) -> tuple[int, int]:
@@ -58,6 +61,10 @@ class Attempt:
         return self.task.crashes >= QUARANTINE_AFTER_CRASHES
 
     def extend_lease(self, deadline: float) -> None:
+        # A renewal that lands after the scope was cancelled (by its lease deadline)
+        # comes too late: the attempt is already being cut off.
+        if self.scope is not None and self.scope.cancel_called:
+            return
         self.lease_deadline = deadline
         if self.scope is not None:
             self.scope.deadline = min(self.timeout_deadline, deadline)
@@ -91,6 +98,27 @@ class HandlerEnded:
             return jsontext.dumps(attempt_error(failures.error_type(self.error), f"(undescribable: {exc})", attempt))
 
 
+class _Reserved:
+    """A place in the thread limit taken ahead of the thread: trio.to_thread's limiter
+    protocol, acquiring nothing more and giving the place back when the thread ends."""
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self._limiter = limiter
+        self._held = True
+        self.taken = False  # a thread was started on it, and gives it back when it ends
+
+    async def acquire_on_behalf_of(self, borrower: object) -> None:
+        self.taken = True
+
+    def release_on_behalf_of(self, borrower: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._limiter.release_on_behalf_of(self)
+
+
 class ThreadTracker:
     """Plain-`def` handlers' threads: bounded in number, abandoned ones included, and
     known by task, so a task's next attempt never starts here while a thread of an
@@ -107,8 +135,16 @@ class ThreadTracker:
             del self.by_task[task_id]
             self._on_idle()
 
-    async def run(self, task_id: int, fn: Callable[[], Any]) -> Any:
-        """Run fn in a thread; on cancel the thread is abandoned and its result ignored."""
+    async def reserve(self) -> _Reserved:
+        """Wait for a thread of the limit; the attempt's timeout starts after this wait,
+        so threads abandoned by other tasks delay a plain-`def` handler but never time it out."""
+        reserved = _Reserved(self.limiter)
+        await self.limiter.acquire_on_behalf_of(reserved)
+        return reserved
+
+    async def run(self, task_id: int, fn: Callable[[], Any], reserved: _Reserved) -> Any:
+        """Run fn in a thread on a reserved place; on cancel the thread is abandoned (it keeps
+        its place in the limit until it returns) and its result ignored."""
         token = trio.lowlevel.current_trio_token()
         lock = threading.Lock()
         state = ["waiting"]  # -> "running" (in the thread) or "void" (cancelled before it started)
@@ -128,13 +164,16 @@ class ThreadTracker:
 
         self.by_task[task_id] += 1
         try:
-            return await trio.to_thread.run_sync(in_thread, abandon_on_cancel=True, limiter=self.limiter)
+            # trio documents any CapacityLimiter-like object here; its hint names only the class.
+            return await trio.to_thread.run_sync(in_thread, abandon_on_cancel=True,
+                                                 limiter=reserved)  # type: ignore[arg-type]
         finally:
             with lock:
                 never_started = state[0] == "waiting"
                 if never_started:
                     state[0] = "void"
             if never_started:
+                reserved.release()
                 self._ended(task_id)
 
 
@@ -143,35 +182,45 @@ async def run_handler(attempt: Attempt, handler: Handler, threads: ThreadTracker
     """Run the attempt under its timeout and lease deadline; see the module's docstring."""
     task = attempt.task
     ended = HandlerEnded()
-    attempt.timeout_deadline = trio.current_time() + task.timeout_seconds
-    scope = trio.CancelScope(deadline=min(attempt.timeout_deadline, attempt.lease_deadline))
+    reserved = None
+    scope = trio.CancelScope(deadline=attempt.lease_deadline)
     attempt.scope = scope
     try:
         with scope:
             try:
+                payload = None if attempt.quarantined else failures.decode_payload(task.payload_json)
+                if not handler.is_async and not attempt.quarantined:
+                    reserved = await threads.reserve()
+                attempt.timeout_deadline = trio.current_time() + task.timeout_seconds
+                scope.deadline = min(attempt.timeout_deadline, attempt.lease_deadline)
                 if attempt.quarantined:
                     ended.result_json = await run_quarantined(task, task_modules)
                 else:
                     ctx = TaskContext(task.id, task.task_type, task.attempt, task.max_retries)
-                    payload = failures.decode_payload(task.payload_json)
-                    if handler.is_async:
+                    if reserved is None:
                         result = await handler.fn(payload, ctx)
                     else:
-                        result = await threads.run(task.id, functools.partial(handler.fn, payload, ctx))
+                        call = functools.partial(handler.fn, payload, ctx)
+                        result = await threads.run(task.id, call, reserved)
                     ended.result_json = failures.encode_result(result)
             except BaseException as exc:  # noqa: BLE001  (the wall: see the module docstring)
                 ended.error = exc
                 ended.result_json = None
     finally:
         attempt.scope = None
+        if reserved is not None and not reserved.taken:
+            reserved.release()
     # A cancellation of this process's own (shutdown) is not the attempt's outcome:
     # it was swallowed above with the handler's errors, and is raised again here.
     await trio.lowlevel.checkpoint_if_cancelled()
     if scope.cancel_called and not attempt.deleted:
-        now = trio.current_time()
-        if attempt.lease_lost or now >= attempt.lease_deadline:
+        # Cancelled by its timeout only if that came first; by anything else (the lease
+        # deadline, a lost lease) the attempt was cut off, not failed.
+        timed_out = (not attempt.lease_lost and attempt.timeout_deadline <= attempt.lease_deadline
+                     and trio.current_time() >= attempt.timeout_deadline)
+        if not timed_out:
             ended.lease_ran_out = True
-        elif now >= attempt.timeout_deadline:
+        else:
             ended.timed_out = True
             cause = ended.error
             ended.error = failures.AttemptTimeout(
@@ -183,9 +232,18 @@ async def run_handler(attempt: Attempt, handler: Handler, threads: ThreadTracker
 
 
 def _only_cancelled(exc: BaseException) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_only_cancelled(e) for e in exc.exceptions)
-    return isinstance(exc, trio.Cancelled)
+    """Is this trio's Cancelled, or a group of nothing else (looked at with a bounded walk)?"""
+    pending, seen = [exc], 0
+    while pending:
+        current = pending.pop()
+        seen += 1
+        if seen > 100:
+            return False
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        elif not isinstance(current, trio.Cancelled):
+            return False
+    return True
 
 
 def crash_error(task: ClaimedTask, crash: failures.Crashed, max_crashes: int) -> tuple[str, bool]:

@@ -377,8 +377,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LISTEN_FD", ("--listen-fd",), _int(0, 65535),
             "serve HTTP on this inherited listening socket (set by --http-workers)", internal=True),
     Setting("MAX_CRASHES", ("--max-crashes",), _int(1, 1000),
-            "a task whose process died (or lost its lease) while running it, or whose quarantined run crashed, "
-            "this many times ends failed (default 3)"),
+            "crashes (its process died or lost its lease while running it) after which a crash in quarantine "
+            "fails the task (default 3)"),
     Setting("MAX_THREADS", ("--max-threads",), _int(1, 100_000),
             "threads plain-def handlers may occupy, abandoned ones still running after a timeout included "
             "(default twice WORKER_POOL_SIZE, at least 1)"),

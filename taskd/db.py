@@ -39,9 +39,10 @@ _METHOD = {"one": "fetchrow", "many": "fetch", "val": "fetchval", "exec": "execu
 # connection exceptions, insufficient resources, operator intervention (shutdown,
 # cancel, cannot connect now), and the transaction rollbacks a retry resolves.
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
-# 3D000 (no such database) too: a database being created is waited for. A wrong
-# password (28P01) is not: it will not fix itself.
-_UNAVAILABLE_CODES = frozenset({"40001", "40P01", "3D000"})
+# Also: a lock wait or an idle transaction timed out (55P03, 25P03), a primary
+# demoted to read-only during a failover (25006), and no such database (3D000: one
+# being created is waited for). A wrong password (28P01) is not: it will not fix itself.
+_UNAVAILABLE_CODES = frozenset({"40001", "40P01", "55P03", "25P03", "25006", "3D000"})
 
 
 def _is_unavailable_state(sqlstate: str | None) -> bool:
@@ -70,8 +71,9 @@ def classify(exc: BaseException) -> DatabaseError | None:
     # issue 1069), an operation already in progress. All mean "reconnect and retry".
     if isinstance(exc, asyncpg.InterfaceError | asyncpg.exceptions._base.InternalClientError):
         return DatabaseUnavailable(_describe(exc))
-    if isinstance(exc, ssl.SSLError):  # a bad certificate, key or key password: a setting to fix
-        return DatabaseError(_describe(exc))
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError
+                                                            | ssl.SSLSyscallError):
+        return DatabaseError(_describe(exc))  # a bad certificate, key or key password: a setting to fix
     if isinstance(exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError | EOFError):
         return DatabaseUnavailable(_describe(exc) or "connection failed")
     return None
@@ -194,8 +196,11 @@ class Pool:
 COMMAND_TIMEOUT = 60.0
 
 
+CONNECT_TIMEOUT = 10.0
+
+
 async def connect(
-    url: str, *, connect_timeout: float = 10.0, server_settings: dict[str, str] | None = None,
+    url: str, *, connect_timeout: float = CONNECT_TIMEOUT, server_settings: dict[str, str] | None = None,
     command_timeout: float = COMMAND_TIMEOUT,
 ) -> Connection:
     """Open one dedicated connection (with session settings, if given)."""
@@ -216,7 +221,7 @@ def _url_checked() -> Iterator[None]:
         raise DatabaseError(f"invalid database URL: {_describe(exc)}") from exc
 
 
-async def create_pool(url: str, *, size: int, connect_timeout: float = 10.0) -> Pool:
+async def create_pool(url: str, *, size: int, connect_timeout: float = CONNECT_TIMEOUT) -> Pool:
     """Open a pool of up to `size` connections (two kept open)."""
     with _translated(), _url_checked():
         raw = await trio_asyncio.aio_as_trio(asyncpg.create_pool)(

@@ -19,6 +19,7 @@ from taskd.models import attempt_error
 TRACEBACK_CHARS = 2000
 MESSAGE_CHARS = 2000
 GROUP_MEMBERS = 5
+GROUP_DEPTH = 3
 
 
 class AttemptTimeout(Exception):
@@ -54,21 +55,45 @@ def error_type(exc: BaseException) -> str:
 
 
 def error_message(exc: BaseException) -> str:
-    """The exception's message; for a group, its members' types and messages."""
-    if isinstance(exc, BaseExceptionGroup):
-        parts = [f"{error_type(e)}: {error_message(e)}" for e in exc.exceptions[:GROUP_MEMBERS]]
-        more = len(exc.exceptions) - GROUP_MEMBERS
-        if more > 0:
-            parts.append(f"and {more} more")
-        head = _safe(lambda: exc.message, "")
-        return f"{head} [{'; '.join(parts)}]"[:MESSAGE_CHARS]
-    return _safe(lambda: str(exc), f"<unprintable {error_type(exc)}>")[:MESSAGE_CHARS]
+    """The exception's message; for a group, a bounded summary of its members (a group
+    may nest thousands deep, or hold one instance many times over)."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return _safe(lambda: str(exc), f"<unprintable {error_type(exc)}>")[:MESSAGE_CHARS]
+    budget = [GROUP_MEMBERS * 4]
+
+    def summary(group: BaseExceptionGroup[BaseException], depth: int) -> str:
+        parts = []
+        members = group.exceptions
+        for member in members[:GROUP_MEMBERS]:
+            if budget[0] <= 0:
+                break
+            budget[0] -= 1
+            if isinstance(member, BaseExceptionGroup):
+                inner = summary(member, depth + 1) if depth < GROUP_DEPTH else "[...]"
+                parts.append(f"{error_type(member)} {inner}")
+            else:
+                parts.append(f"{error_type(member)}: {error_message(member)[:200]}")
+        if len(members) > len(parts):
+            parts.append(f"and {len(members) - len(parts)} more")
+        return f"[{'; '.join(parts)}]"
+
+    head = _safe(lambda: exc.message, "")
+    return f"{head} {summary(exc, 1)}"[:MESSAGE_CHARS]
 
 
 def error_traceback(exc: BaseException) -> str:
-    tb = _safe(lambda: "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8)),
-               "<traceback unavailable>")
-    return tb[-TRACEBACK_CHARS:]
+    # Not chained, and a group without its members: formatting those in full is
+    # recursive and, for a group holding one instance many times, exponential.
+    if isinstance(exc, BaseExceptionGroup):
+        tb = _safe(lambda: "".join(traceback.format_tb(exc.__traceback__, limit=-8)), "")
+        tb = f"Traceback (most recent call last):\n{tb}{error_type(exc)}: {error_message(exc)}\n"
+    else:
+        tb = _safe(lambda: "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8,
+                                                               chain=False)), "<traceback unavailable>")
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    if cause is not None:
+        tb += f"(caused by {error_type(cause)}: {error_message(cause)[:500]})\n"
+    return jsontext.storable(tb)[-TRACEBACK_CHARS:]
 
 
 def describe_error(exc: BaseException, attempt: int) -> dict[str, Any]:

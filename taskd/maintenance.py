@@ -9,12 +9,12 @@ Imports taskd.store, taskd.config, taskd.models, taskd.errors.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 
 import trio
 
 from taskd.config import Settings
 from taskd.errors import DatabaseError, DatabaseUnavailable
-from taskd.models import TaskStatus
 from taskd.store import Store
 
 log = logging.getLogger("taskd.maintenance")
@@ -24,15 +24,14 @@ def rescue_interval(lease_seconds: float) -> float:
     return min(5.0, max(0.2, lease_seconds / 2))
 
 
-async def rescue_loop(store: Store, settings: Settings) -> None:
-    """Requeue or fail tasks whose process stopped renewing their lease, forever."""
+async def rescue_loop(store: Store, settings: Settings, keep: Callable[[], Sequence[int]] = tuple) -> None:
+    """Requeue tasks whose process stopped renewing their lease, forever; `keep()` names
+    this process's own cut-off attempts, which it hands back itself."""
     while True:
         try:
-            rescued = await store.rescue_expired(settings.max_crashes)
-            for task_id, status in rescued:
-                verb = (f"failed: its process died under it {settings.max_crashes} times"
-                        if status == TaskStatus.FAILED else "requeued")
-                log.warning("task %d: its process's lease expired; %s", task_id, verb)
+            rescued = await store.rescue_expired(keep())
+            for task_id, _status in rescued:
+                log.warning("task %d: its process's lease expired; requeued (a crash, not a retry)", task_id)
             await store.prune_processes(older_than=max(60.0, 10 * settings.lease_seconds))
         except DatabaseUnavailable as exc:
             log.debug("rescuing expired leases failed: %s", exc)  # the outage is reported once, by the store

@@ -23,11 +23,10 @@ import sys
 from typing import Any
 
 import trio
+import trio_asyncio
 
 from taskd import failures
 from taskd.models import ClaimedTask
-
-RESULT_LINE_LIMIT = 64 * 1024 * 1024
 
 
 class QuarantinedFailure(Exception):
@@ -36,6 +35,12 @@ class QuarantinedFailure(Exception):
     def __init__(self, described: dict[str, Any]) -> None:
         super().__init__(str(described.get("message", "")))
         self.described = described
+
+
+async def _kill(process: trio.Process) -> None:
+    # At once, not SIGTERM and a grace: a cancelled attempt must stop before its lease
+    # can run out, and a handler in quarantine is not trusted to clean up.
+    process.kill()
 
 
 def _crash_message(returncode: int) -> str:
@@ -57,7 +62,7 @@ async def run_quarantined(task: ClaimedTask, task_modules: tuple[str, ...]) -> s
         "payload_json": task.payload_json,
     }).encode()
     proc = await trio.run_process([sys.executable, "-m", "taskd.quarantine"], stdin=request,
-                                  capture_stdout=True, stderr=None, check=False)
+                                  capture_stdout=True, stderr=None, check=False, deliver_cancel=_kill)
     reply = proc.stdout.decode("utf-8", "replace").strip().splitlines()
     outcome = None
     if proc.returncode == 0 and reply:
@@ -70,6 +75,21 @@ async def run_quarantined(task: ClaimedTask, task_modules: tuple[str, ...]) -> s
     if "error" in outcome:
         raise QuarantinedFailure(outcome["error"])
     return str(outcome["result_json"])
+
+
+async def _with_asyncio_loop(fn: Any, payload: Any, ctx: Any) -> Any:
+    """Run the handler with an asyncio loop beside trio, as in the server; its own
+    exception comes out as it was raised, not wrapped in the loop's nursery group."""
+    raised: list[BaseException] = []
+    result = None
+    async with trio_asyncio.open_loop():
+        try:
+            result = await fn(payload, ctx)
+        except BaseException as exc:  # noqa: BLE001  (re-raised below, outside the loop's nursery)
+            raised.append(exc)
+    if raised:
+        raise raised[0]
+    return result
 
 
 def _child() -> int:
@@ -92,7 +112,7 @@ def _child() -> int:
             raise LookupError(f"task type {request['task_type']!r} is not registered in the quarantine process")
         payload = failures.decode_payload(request["payload_json"])
         if handler.is_async:
-            result = trio.run(handler.fn, payload, ctx)
+            result = trio.run(_with_asyncio_loop, handler.fn, payload, ctx)
         else:
             result = handler.fn(payload, ctx)
         outcome: dict[str, Any] = {"result_json": failures.encode_result(result)}

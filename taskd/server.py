@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 from typing import Any
 
@@ -37,6 +38,7 @@ from taskd.workers import WorkerPool
 log = logging.getLogger("taskd.server")
 
 RELEASE_TIMEOUT = 10.0
+STUCK_AFTER_CANCEL = 10.0
 
 
 class Shutdown:
@@ -56,14 +58,29 @@ class Shutdown:
                     log.info("%s again: cancelling running tasks now", signal.Signals(signum).name)
                     self.immediate.set()
 
-    async def stop_work(self, pool: WorkerPool, work: trio.CancelScope, grace: float) -> None:
-        """On the first signal stop claiming; cancel what still runs once the grace is over."""
+    async def stop_work(self, pool: WorkerPool, store: Store, work: trio.CancelScope, grace: float,
+                        work_done: trio.Event) -> None:
+        """On the first signal stop claiming; cancel what still runs once the grace is over.
+
+        A handler that swallows trio.Cancelled cannot be stopped: past STUCK_AFTER_CANCEL
+        the process writes what it has, hands back what it holds and exits, rather than
+        hang until someone reaches for kill -9."""
         await self.requested.wait()
         pool.stop_claiming()
         log.info("claiming stopped; running tasks have %gs to finish", grace)
         with trio.move_on_after(grace):
             await self.immediate.wait()
         work.cancel()
+        with trio.move_on_after(STUCK_AFTER_CANCEL):
+            await work_done.wait()
+        if not work_done.is_set():
+            stuck = [a.key for a in pool.attempts() if a.scope is not None]
+            log.error("%d tasks still run %gs after being cancelled (their handlers swallow trio.Cancelled: %s); "
+                      "releasing what this process holds and exiting", len(stuck), STUCK_AFTER_CANCEL,
+                      ", ".join(f"task {t} attempt {a}" for t, a in stuck[:10]))
+            with trio.CancelScope(shield=True):
+                await write_and_release(store, pool)
+            os._exit(1)
 
     async def cut_short(self, scope: trio.CancelScope) -> None:
         """On a second signal stop waiting for open HTTP requests too."""
@@ -87,12 +104,13 @@ async def serve(settings: Settings, registry: Registry, url: str, *, banner: str
         try:
             await _run(store, settings, registry, url, banner)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
-                try:
-                    await store.remove_process()
-                except Exception as exc:
-                    log.debug("could not remove this process's row: %s", exc)
-            await store.close()
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT):
+                with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
+                    try:
+                        await store.remove_process()
+                    except Exception as exc:
+                        log.debug("could not remove this process's row: %s", exc)
+                await store.close()
 
 
 async def _run(store: Store, settings: Settings, registry: Registry, url: str, banner: str) -> None:
@@ -114,10 +132,12 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
             async with trio.open_nursery() as services:
                 services.start_soon(shutdown.watch_signals)
                 services.start_soon(pool.heartbeat_loop)
-                services.start_soon(maintenance.rescue_loop, store, settings)
+                services.start_soon(maintenance.rescue_loop, store, settings, pool.handing_back)
                 services.start_soon(store.keep_listening)
+                work_done = trio.Event()
                 async with trio.open_nursery() as work:
-                    services.start_soon(shutdown.stop_work, pool, work.cancel_scope, settings.shutdown_grace)
+                    services.start_soon(shutdown.stop_work, pool, store, work.cancel_scope, settings.shutdown_grace,
+                                        work_done)
                     send, receive = pool.open_channel()
                     async with receive:
                         for _ in range(settings.worker_pool_size):
@@ -143,14 +163,16 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
                         if not claiming:  # else the claim loop closes it
                             send.close()
                     log.info("HTTP stopped")
+                work_done.set()
                 # Outcomes are written while the heartbeat still renews their leases.
                 with trio.CancelScope(shield=True):
                     await write_and_release(store, pool)
                 services.cancel_scope.cancel()
         finally:
             # Whatever ended the process short of kill -9 (a bind failure, a crash in
-            # any nursery, a second signal): write what it has, release what it holds.
-            with trio.CancelScope(shield=True):
+            # any nursery, a second signal): write what it has, release what it holds;
+            # a signal now (the watcher is gone) must not cut that short.
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT), trio.CancelScope(shield=True):
                 await write_and_release(store, pool)
             store.inserts.close()
             store.finishes.close()

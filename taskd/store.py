@@ -210,8 +210,11 @@ class Store:
         self._written_callbacks: list[Callable[[Sequence[Outcome], set[tuple[int, int]]], None]] = []
         self._outcome_retries_stopped = False
         self._finish_events: dict[int, trio.Event] = {}
+        # Past the driver's own timeouts (connect, then the statement), so a hung database
+        # reaches a client as the driver's timeout: unavailable, 503.
         self.inserts: Coalescer[NewTask, int] = Coalescer(
-            self._insert_batch, max_items=INSERT_BATCH, window=INSERT_WINDOW, name="inserter")
+            self._insert_batch, max_items=INSERT_BATCH, window=INSERT_WINDOW, name="inserter",
+            flush_timeout=db.CONNECT_TIMEOUT + db.COMMAND_TIMEOUT + 10.0)
         # No flush timeout: an outcome is kept and retried until the database takes
         # it or its fence refuses it; shutdown bounds the wait from outside.
         self.finishes: Coalescer[Outcome, bool] = Coalescer(
@@ -311,7 +314,10 @@ class Store:
 
     async def submit(self, task: NewTask) -> int:
         """Insert one task, coalesced with concurrent submits into one statement; returns its id."""
-        return await self.inserts.submit(task)
+        try:
+            return await self.inserts.submit(task)
+        except trio.TooSlowError:
+            raise DatabaseUnavailable("the database did not answer in time") from None
 
     async def submit_many(self, tasks: Sequence[NewTask]) -> list[int]:
         """Insert tasks in one statement, all or nothing; ids in the order given."""
@@ -430,11 +436,13 @@ class Store:
         """Shutdown gave up waiting for the database: fail outcome writes instead of retrying."""
         self._outcome_retries_stopped = True
 
-    async def release(self, claims: Sequence[tuple[int, int]]) -> None:
-        """Return claimed, unfinished (task id, attempt) pairs to pending without counting the attempt."""
+    async def release(self, claims: Sequence[tuple[int, int]], *, from_heartbeat: bool = False) -> None:
+        """Return claimed, unfinished (task id, attempt) pairs to pending without counting the attempt
+        (on the heartbeat's own connection when the heartbeat loop asks, so a busy pool cannot delay it)."""
         if claims:
-            await self._pool.run(self._q["task_release_many"], self.process_id,
-                                 [c[0] for c in claims], [c[1] for c in claims])
+            runner = self._heartbeat if from_heartbeat else self._pool
+            await runner.run(self._q["task_release_many"], self.process_id,
+                             [c[0] for c in claims], [c[1] for c in claims])
 
     # -- leases and processes ---------------------------------------------------------------------
 
@@ -452,10 +460,10 @@ class Store:
     async def remove_process(self) -> None:
         await self._pool.run(self._q["process_remove"], self.process_id)
 
-    async def rescue_expired(self, max_crashes: int) -> list[tuple[int, TaskStatus]]:
-        """Requeue tasks whose lease ran out (failing those at their `max_crashes`th crash);
-        returns (id, new status) pairs."""
-        rows = await self._pool.run(self._q["task_rescue_expired"], max_crashes)
+    async def rescue_expired(self, keep: Sequence[int] = ()) -> list[tuple[int, TaskStatus]]:
+        """Requeue tasks whose lease ran out, except this process's own in `keep` (it is
+        handing those back itself); returns (id, new status) pairs."""
+        rows = await self._pool.run(self._q["task_rescue_expired"], self.process_id, list(keep))
         self._signal_finished([row["id"] for row in rows if row["status"] == TaskStatus.FAILED])
         if rows:
             self._new_work.set()

@@ -28,7 +28,7 @@ from taskd import failures, jsontext
 from taskd.attempts import Attempt, HandlerEnded, ThreadTracker, crash_error, run_handler
 from taskd.config import Settings
 from taskd.errors import DatabaseError
-from taskd.models import Outcome, TaskStatus, WorkerGauge
+from taskd.models import Outcome, TaskStatus, WorkerGauge, attempt_error
 from taskd.registry import Registry
 from taskd.store import Store
 
@@ -38,6 +38,17 @@ POLL_INTERVAL = 2.0  # fallback when a NOTIFY is missed
 MIN_WAIT = 0.005
 MAX_CLAIM = 500
 RECENT_CANCELS = 10_000
+
+
+HEARTBEAT_RETRY = 0.5
+CLAIM_LIMIT = 10.0  # seconds a claim may take before it is abandoned (its tasks then rescued)
+
+
+def lease_deadline(sent_at: float, lease: float) -> float:
+    """When this process stops trusting a lease sent at `sent_at`: a margin before the row's
+    locked_until (set when the database ran the statement, later than `sent_at`), so an
+    attempt cut off is stopped before another process can be given the task."""
+    return sent_at + lease - min(lease / 4, 5.0)
 
 
 def retry_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
@@ -80,6 +91,10 @@ class WorkerPool:
         """(task id, attempt) of every claim this process still holds with no outcome written."""
         return sorted({*self._attempts, *self._to_release})
 
+    def handing_back(self) -> list[int]:
+        """Tasks whose attempts this process cut off and is releasing itself."""
+        return sorted({key[0] for key in self._to_release})
+
     def stop_claiming(self) -> None:
         self._claim_scope.cancel()
 
@@ -101,7 +116,8 @@ class WorkerPool:
 
     def _skip(self) -> list[int]:
         """Tasks this process must not claim now: it still runs something of theirs."""
-        return sorted({key[0] for key in self._attempts} | set(self.threads.by_task))
+        return sorted({key[0] for key in self._attempts} | {key[0] for key in self._to_release}
+                      | set(self.threads.by_task))
 
     # -- leases -----------------------------------------------------------------------------------
 
@@ -112,27 +128,53 @@ class WorkerPool:
         cancelled here; one whose local deadline passes first is cancelled by its scope."""
         lease = self.settings.lease_seconds
         while True:
-            live = [a for a in self.attempts() if not a.lease_lost]
+            live = [a for a in self.attempts() if not a.lease_lost and not self._ignores_cancel(a)]
             sent_at = trio.current_time()
             try:
-                if self._to_release:
-                    releasing = sorted(self._to_release)
-                    await self.store.release(releasing)
-                    self._to_release.difference_update(releasing)
-                    log.info("released %d tasks whose attempts were cut off from the database", len(releasing))
                 renewed = await self.store.heartbeat(lease, [a.key for a in live], self.gauge.size,
                                                      self.gauge.busy)
             except DatabaseError as exc:
+                # Soon again, not in lease/3: two missed beats in a row must not be all
+                # it takes to cut every attempt off.
                 log.debug("heartbeat failed (leases run out locally in at most %gs): %s", lease, exc)
-            else:
-                for attempt in live:
-                    if attempt.key in renewed:
-                        attempt.extend_lease(sent_at + lease)
-                    elif self._attempts.get(attempt.key) is attempt and not attempt.deleted:
-                        log.warning("task %d attempt %d: lease lost (deleted, or expired); cancelling it",
-                                    *attempt.key)
-                        attempt.stop(lease_lost=True)
+                await trio.sleep(min(lease / 3, HEARTBEAT_RETRY))
+                continue
+            for attempt in live:
+                if attempt.key in renewed:
+                    attempt.extend_lease(lease_deadline(sent_at, lease))
+                elif self._attempts.get(attempt.key) is attempt and not attempt.deleted:
+                    log.warning("task %d attempt %d: lease lost (deleted, or expired); cancelling it",
+                                *attempt.key)
+                    attempt.stop(lease_lost=True)
+            if self._to_release:
+                releasing = sorted(self._to_release)
+                try:
+                    await self.store.release(releasing, from_heartbeat=True)
+                except DatabaseError as exc:
+                    log.debug("releasing %d cut-off attempts failed, will try again: %s", len(releasing), exc)
+                else:
+                    self._to_release.difference_update(releasing)
+                    log.info("handed back %d tasks whose attempts were cut off from the database (unless "
+                             "another process had rescued them already)", len(releasing))
             await trio.sleep(lease / 3)
+
+    def _ignores_cancel(self, attempt: Attempt) -> bool:
+        """An attempt still running a lease after it was cancelled swallows trio.Cancelled:
+        it cannot be stopped, so its lease is left to run out and another process takes
+        the task, rather than this one holding it for as long as it lives."""
+        if attempt.scope is None or not attempt.scope.cancel_called:
+            return False
+        now = trio.current_time()
+        if attempt.cancelled_at is None:
+            attempt.cancelled_at = now
+            return False
+        if now - attempt.cancelled_at < self.settings.lease_seconds:
+            return False
+        if not attempt.abandoned:
+            attempt.abandoned = True
+            log.error("task %d attempt %d ignores cancellation (its handler swallows trio.Cancelled); no longer "
+                      "renewing its lease, so another process will run the task", *attempt.key)
+        return True
 
     # -- claiming ---------------------------------------------------------------------------------
 
@@ -170,9 +212,11 @@ class WorkerPool:
 
     async def _claim(self, wanted: int, task_types: list[str], skip: list[int]) -> list[Attempt]:
         # Shielded: a claim that committed must reach the workers, or its tasks
-        # would sit leased to us until the lease ran out.
-        with trio.CancelScope(shield=True):
-            sent_at = trio.current_time()
+        # would sit leased to us until the lease ran out. Bounded all the same, so a
+        # database that hangs cannot hold shutdown: what it claimed is then rescued.
+        sent_at = trio.current_time()
+        tasks = []
+        with trio.CancelScope(shield=True, deadline=sent_at + max(self.settings.lease_seconds, CLAIM_LIMIT)):
             try:
                 tasks = await self.store.claim(wanted, task_types, self.settings.lease_seconds, skip)
             except DatabaseError as exc:
@@ -180,8 +224,8 @@ class WorkerPool:
                 tasks = []
         self.claims += 1
         self.claimed += len(tasks)
-        lease_deadline = sent_at + self.settings.lease_seconds
-        return [Attempt(task, lease_deadline) for task in tasks]
+        deadline = lease_deadline(sent_at, self.settings.lease_seconds)
+        return [Attempt(task, deadline) for task in tasks]
 
     async def _wait_for_work(self, task_types: list[str], skip: list[int]) -> None:
         try:
@@ -222,7 +266,15 @@ class WorkerPool:
         if attempt.deleted or attempt.lease_lost or ended.lease_ran_out:
             self._settle_without_outcome(attempt)
             return
-        outcome = self._outcome(attempt, ended)
+        try:
+            outcome = self._outcome(attempt, ended)
+        except Exception as exc:  # a bug of ours describing it must not cost the worker, nor the result
+            log.exception("task %d attempt %d: describing its outcome failed", *attempt.key)
+            if ended.error is None:
+                outcome = Outcome(task.id, task.attempt, TaskStatus.COMPLETED, result_json=ended.result_json)
+            else:
+                outcome = Outcome(task.id, task.attempt, TaskStatus.FAILED, error_json=jsontext.dumps(attempt_error(
+                    "OutcomeNotDescribed", failures.error_type(exc), task.attempt)))
         self._log_outcome(attempt, outcome)
         attempt.handed_over = True
         # Handed over, not awaited: the Store writes outcomes in batches, and calls

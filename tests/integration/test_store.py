@@ -160,23 +160,36 @@ async def test_release_does_not_count_the_attempt(store: Store) -> None:
 
 async def test_expired_leases_are_rescued_as_crashes_that_spend_no_retry(store: Store) -> None:
     a, b = await store.submit_many([new(max_retries=1), new(max_retries=0)])
-    for crash in (1, 2):
+    for crash in (1, 2, 3, 4):
         claimed = await store.claim(2, ["echo"], 0.05)
         assert [(t.id, t.attempt, t.crashes, t.retries_used) for t in claimed] == [
             (a, crash, crash - 1, 0), (b, crash, crash - 1, 0)]
         await trio.sleep(0.1)
-        rescued = dict(await store.rescue_expired(3))
-        assert rescued == {a: TaskStatus.RETRYING, b: TaskStatus.RETRYING}, "even with max_retries 0"
+        rescued = dict(await store.rescue_expired())
+        assert rescued == {a: TaskStatus.RETRYING, b: TaskStatus.RETRYING}, \
+            "even with max_retries 0, and however often: a rescue alone never fails a task"
     task_b = await store.get(b)
-    assert task_b and task_b.attempts == 2 and task_b.crashes == 2
-    assert [e["type"] for e in task_b.errors] == ["LeaseExpired", "LeaseExpired"]
+    assert task_b and task_b.attempts == 4 and task_b.crashes == 4 and task_b.finished_at is None
+    assert task_b.errors[0]["type"] == "LeaseExpired" and len(task_b.errors) == 4
+
+
+async def test_a_process_does_not_rescue_what_it_is_handing_back_itself(store: Store, database_url: str) -> None:
+    mine, other = await store.submit_many([new(), new()])
     await store.claim(2, ["echo"], 0.05)
     await trio.sleep(0.1)
-    rescued = dict(await store.rescue_expired(3))
-    assert rescued == {a: TaskStatus.FAILED, b: TaskStatus.FAILED}, "the third crash is the last"
-    task_a = await store.get(a)
-    assert task_a and task_a.crashes == 3 and task_a.last_error and task_a.last_error["type"] == "Crashed"
-    assert "3 times" in task_a.last_error["message"] and task_a.finished_at is not None
+    assert dict(await store.rescue_expired(keep=[mine])) == {other: TaskStatus.RETRYING}
+    await store.release([(mine, 1)], from_heartbeat=True)
+    task = await store.get(mine)
+    assert task and task.status == TaskStatus.PENDING and task.attempts == 0 and task.crashes == 0
+    elsewhere = await Store.open(database_url, pool_size=2, process_id="test-b")
+    try:
+        await store.claim(2, ["echo"], 0.05)
+        await trio.sleep(0.1)
+        assert dict(await elsewhere.rescue_expired(keep=[mine])) == {mine: TaskStatus.RETRYING,
+                                                                     other: TaskStatus.RETRYING}, \
+            "keep speaks only for the process's own leases"
+    finally:
+        await elsewhere.close()
 
 
 async def test_claims_skip_what_this_process_still_runs(store: Store) -> None:
@@ -199,7 +212,7 @@ async def test_heartbeat_renews_only_held_live_leases(store: Store) -> None:
         renewed = await store.heartbeat(0.3, [(held, 1)], workers=1, busy=1)
         assert renewed == {(held, 1)}
     # the orphan (claimed, but no longer tracked by its process) expires and is rescued
-    rescued = dict(await store.rescue_expired(3))
+    rescued = dict(await store.rescue_expired())
     assert rescued == {orphan: TaskStatus.RETRYING, expired: TaskStatus.RETRYING}
     assert await store.heartbeat(0.3, [(held, 2)], workers=1, busy=1) == set(), "another attempt's lease"
     (process,) = await store.live_processes(60)

@@ -105,7 +105,7 @@ class FakeStore:
         for callback in self._written:
             callback([outcome], {(outcome.task_id, outcome.attempt)} if written else set())
 
-    async def release(self, claims: Sequence[tuple[int, int]]) -> None:
+    async def release(self, claims: Sequence[tuple[int, int]], *, from_heartbeat: bool = False) -> None:
         self.released.extend(claims)
         for task_id, attempt in claims:
             row = self.tasks.get(task_id)

@@ -31,6 +31,9 @@ def _postgres_error(sqlstate: str) -> asyncpg.PostgresError:
     _postgres_error("08006"),  # connection failure
     _postgres_error("40001"),  # serialization failure: try again
     _postgres_error("3D000"),  # the database does not exist yet
+    _postgres_error("55P03"),  # lock_timeout: another session held the row a while
+    _postgres_error("25006"),  # read-only: a primary demoted during a failover
+    ssl.SSLEOFError("EOF in violation of protocol"),  # the server went away mid-handshake
 ], ids=lambda e: type(e).__name__)
 def test_what_a_retry_can_fix_is_unavailable(exc: BaseException) -> None:
     assert isinstance(classify(exc), DatabaseUnavailable)

@@ -180,7 +180,7 @@ async def test_heartbeat_renews_what_is_held_and_cancels_a_lost_lease(autojump_c
         await trio.sleep(2)
         assert sorted(store.heartbeats[-1]) == [(kept, 1), (lost, 1)] and pool.gauge.busy == 2
         store.tasks[lost]["attempts"] = 2  # rescued after an expired lease and claimed elsewhere
-        await trio.sleep(2)
+        await trio.sleep(3)  # a beat to notice, one more to hand it back
         assert [a.key for a in pool.attempts()] == [(kept, 1)] and pool.gauge.busy == 1
         assert pool.unfinished() == [(kept, 1)] and store.released == [(lost, 1)], "handed back, fenced"
         assert store.tasks[lost]["status"] == "running", "the fence kept the newer attempt's row"
