@@ -98,15 +98,22 @@ def _registry(behaviours: dict[int, Any]) -> Registry:
     return registry
 
 
+def _start(nursery: trio.Nursery, pool: WorkerPool, *, heartbeat: bool = False) -> None:
+    """The claim loop and one worker loop per slot, as the server starts them."""
+    send, receive = pool.open_channel()
+    with receive:
+        for _ in range(pool.size):
+            nursery.start_soon(pool.work_loop, receive.clone())
+    nursery.start_soon(pool.claim_loop, send)
+    if heartbeat:
+        nursery.start_soon(pool.heartbeat_loop)
+
+
 async def _drain(store: FakeStore, registry: Registry, size: int = 3) -> WorkerPool:
     pool = WorkerPool(store, registry, Settings(worker_pool_size=size, max_threads=4, retry_delay=0.5),  # type: ignore[arg-type]
                       WorkerGauge(size))
     async with trio.open_nursery() as nursery:
-        send, receive = pool.open_channel()
-        with receive:
-            for _ in range(size):
-                nursery.start_soon(pool.work_loop, receive.clone())
-        nursery.start_soon(pool.claim_loop, send)
+        _start(nursery, pool)
         with trio.fail_after(10_000):
             await store.finished_event.wait()
         pool.stop_claiming()
@@ -230,10 +237,7 @@ async def test_an_attempt_cut_off_from_the_database_stops_before_its_lease_runs_
     pool = WorkerPool(store, _lease_registry(log), Settings(worker_pool_size=1, lease_seconds=3),  # type: ignore[arg-type]
                       WorkerGauge(1))
     async with trio.open_nursery() as nursery:
-        send, receive = pool.open_channel()
-        nursery.start_soon(pool.work_loop, receive)
-        nursery.start_soon(pool.claim_loop, send)
-        nursery.start_soon(pool.heartbeat_loop)
+        _start(nursery, pool, heartbeat=True)
         await trio.sleep(0.5)
         assert pool.gauge.busy == 1
         store.down = True
@@ -261,10 +265,7 @@ async def test_a_lease_is_renewed_until_the_outcome_is_written_not_handed_over(
     pool = WorkerPool(store, _lease_registry(log), Settings(worker_pool_size=1, lease_seconds=3),  # type: ignore[arg-type]
                       WorkerGauge(1))
     async with trio.open_nursery() as nursery:
-        send, receive = pool.open_channel()
-        nursery.start_soon(pool.work_loop, receive)
-        nursery.start_soon(pool.claim_loop, send)
-        nursery.start_soon(pool.heartbeat_loop)
+        _start(nursery, pool, heartbeat=True)
         await trio.sleep(20)  # far past the lease: renewed all along
         assert len(store.held_outcomes) == 1 and (task_id, 1) in store.heartbeats[-1]
         assert [a.key for a in pool.attempts()] == [(task_id, 1)]
@@ -293,9 +294,7 @@ async def test_a_hung_thread_keeps_its_tasks_next_attempt_out_of_this_process() 
                       WorkerGauge(1))
     try:
         async with trio.open_nursery() as nursery:
-            send, receive = pool.open_channel()
-            nursery.start_soon(pool.work_loop, receive)
-            nursery.start_soon(pool.claim_loop, send)
+            _start(nursery, pool)
             with trio.fail_after(5):
                 while store.tasks[task_id]["status"] != "retrying":  # noqa: ASYNC110
                     await trio.sleep(0.01)
@@ -374,10 +373,7 @@ async def test_a_handler_that_swallows_cancellation_stops_holding_its_lease(auto
     pool = WorkerPool(store, registry, Settings(worker_pool_size=1, lease_seconds=3),  # type: ignore[arg-type]
                       WorkerGauge(1))
     async with trio.open_nursery() as nursery:
-        send, receive = pool.open_channel()
-        nursery.start_soon(pool.work_loop, receive)
-        nursery.start_soon(pool.claim_loop, send)
-        nursery.start_soon(pool.heartbeat_loop)
+        _start(nursery, pool, heartbeat=True)
         await trio.sleep(1)
         assert (task_id, 1) in store.heartbeats[-1]
         await trio.sleep(10)  # cancelled at 2 s by its timeout, still running
@@ -407,11 +403,7 @@ async def test_abandoned_threads_delay_other_plain_def_tasks_but_never_time_them
                       WorkerGauge(2))
     try:
         async with trio.open_nursery() as nursery:
-            send, receive = pool.open_channel()
-            with receive:
-                for _ in range(2):
-                    nursery.start_soon(pool.work_loop, receive.clone())
-            nursery.start_soon(pool.claim_loop, send)
+            _start(nursery, pool)
             await trio.sleep(1)  # the hung ones timed out; their threads hold both places
             assert all(store.tasks[i]["status"] == "running" for i in quick_ids[:2]), "waiting for a thread"
             release.set()
