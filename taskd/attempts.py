@@ -80,13 +80,14 @@ class Attempt:
 class HandlerEnded:
     """How the handler's run ended: a result (JSON text) or an error, and whether its deadline fired."""
 
-    __slots__ = ("result_json", "error", "timed_out", "lease_ran_out")
+    __slots__ = ("result_json", "error", "timed_out", "lease_ran_out", "no_thread")
 
     def __init__(self) -> None:
         self.result_json: str | None = None
         self.error: BaseException | None = None
         self.timed_out = False
         self.lease_ran_out = False
+        self.no_thread = False  # no thread came free within the task's timeout: not run at all
 
     def error_json(self, attempt: int) -> str:
         assert self.error is not None
@@ -94,8 +95,11 @@ class HandlerEnded:
             if isinstance(self.error, QuarantinedFailure):
                 return jsontext.dumps({**self.error.described, "attempt": attempt})
             return failures.describe_json(self.error, attempt)
-        except jsontext.NotJsonError as exc:  # not expected: described text is escaped; still, never lose the attempt
-            return jsontext.dumps(attempt_error(failures.error_type(self.error), f"(undescribable: {exc})", attempt))
+        except BaseException as exc:  # noqa: BLE001  (not expected: describing is guarded; still, never lose it)
+            if isinstance(exc, trio.Cancelled):
+                raise
+            return jsontext.dumps(attempt_error(failures.error_type(self.error), "(the error could not be described)",
+                                                attempt))
 
 
 class _Reserved:
@@ -190,7 +194,11 @@ async def run_handler(attempt: Attempt, handler: Handler, threads: ThreadTracker
             try:
                 payload = None if attempt.quarantined else failures.decode_payload(task.payload_json)
                 if not handler.is_async and not attempt.quarantined:
-                    reserved = await threads.reserve()
+                    with trio.move_on_after(task.timeout_seconds):
+                        reserved = await threads.reserve()
+                    if reserved is None:
+                        ended.no_thread = True
+                        return ended
                 attempt.timeout_deadline = trio.current_time() + task.timeout_seconds
                 scope.deadline = min(attempt.timeout_deadline, attempt.lease_deadline)
                 if attempt.quarantined:
@@ -222,11 +230,7 @@ async def run_handler(attempt: Attempt, handler: Handler, threads: ThreadTracker
             ended.lease_ran_out = True
         else:
             ended.timed_out = True
-            cause = ended.error
-            ended.error = failures.AttemptTimeout(
-                f"attempt {task.attempt} exceeded its timeout of {task.timeout_seconds:g}s"
-                + (f" (and raised {failures.error_type(cause)}: {failures.error_message(cause)})"
-                   if cause is not None and not _only_cancelled(cause) else ""))
+            ended.error = _timeout_error(task, ended.error)
             ended.result_json = None
     return ended
 
@@ -240,10 +244,21 @@ def _only_cancelled(exc: BaseException) -> bool:
         if seen > 100:
             return False
         if isinstance(current, BaseExceptionGroup):
-            pending.extend(current.exceptions)
+            pending.extend(failures.members(current))
         elif not isinstance(current, trio.Cancelled):
             return False
     return True
+
+
+def _timeout_error(task: ClaimedTask, cause: BaseException | None) -> failures.AttemptTimeout:
+    message = f"attempt {task.attempt} exceeded its timeout of {task.timeout_seconds:g}s"
+    try:
+        if cause is not None and not _only_cancelled(cause):
+            message += f" (and raised {failures.error_type(cause)}: {failures.error_message(cause)})"
+    except BaseException as exc:  # noqa: BLE001  (whatever the handler raised, describing it never escapes)
+        if isinstance(exc, trio.Cancelled):
+            raise
+    return failures.AttemptTimeout(message)
 
 
 def crash_error(task: ClaimedTask, crash: failures.Crashed, max_crashes: int) -> tuple[str, bool]:

@@ -50,6 +50,17 @@ def _safe(call: Any, fallback: str) -> str:
     return jsontext.storable(text)
 
 
+def members(group: BaseExceptionGroup[BaseException]) -> tuple[BaseException, ...]:
+    """A group's members, or none if reading them fails (a subclass may override anything)."""
+    try:
+        found = tuple(group.exceptions)
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, trio.Cancelled):
+            raise
+        return ()
+    return tuple(e for e in found if isinstance(e, BaseException))
+
+
 def error_type(exc: BaseException) -> str:
     return _safe(lambda: type(exc).__qualname__, "<unnamed exception>")
 
@@ -63,8 +74,8 @@ def error_message(exc: BaseException) -> str:
 
     def summary(group: BaseExceptionGroup[BaseException], depth: int) -> str:
         parts = []
-        members = group.exceptions
-        for member in members[:GROUP_MEMBERS]:
+        inside = members(group)
+        for member in inside[:GROUP_MEMBERS]:
             if budget[0] <= 0:
                 break
             budget[0] -= 1
@@ -73,25 +84,30 @@ def error_message(exc: BaseException) -> str:
                 parts.append(f"{error_type(member)} {inner}")
             else:
                 parts.append(f"{error_type(member)}: {error_message(member)[:200]}")
-        if len(members) > len(parts):
-            parts.append(f"and {len(members) - len(parts)} more")
+        if len(inside) > len(parts):
+            parts.append(f"and {len(inside) - len(parts)} more")
         return f"[{'; '.join(parts)}]"
 
     head = _safe(lambda: exc.message, "")
-    return f"{head} {summary(exc, 1)}"[:MESSAGE_CHARS]
+    try:
+        return f"{head} {summary(exc, 1)}"[:MESSAGE_CHARS]
+    except RecursionError:
+        return head[:MESSAGE_CHARS]
 
 
 def error_traceback(exc: BaseException) -> str:
-    # Not chained, and a group without its members: formatting those in full is
-    # recursive and, for a group holding one instance many times, exponential.
-    if isinstance(exc, BaseExceptionGroup):
-        tb = _safe(lambda: "".join(traceback.format_tb(exc.__traceback__, limit=-8)), "")
-        tb = f"Traceback (most recent call last):\n{tb}{error_type(exc)}: {error_message(exc)}\n"
-    else:
-        tb = _safe(lambda: "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8,
-                                                               chain=False)), "<traceback unavailable>")
-    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
-    if cause is not None:
+    """The last frames and the exception's line, and its cause in one line. Never Python's
+    whole formatter: it walks every cause, context and group member (recursively, and
+    for a group holding one instance many times, exponentially) on the event loop."""
+    frames = _safe(lambda: "".join(traceback.format_tb(exc.__traceback__, limit=-8)), "")
+    tb = f"Traceback (most recent call last):\n{frames}{error_type(exc)}: {error_message(exc)}\n"
+    try:
+        cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    except BaseException as err:  # noqa: BLE001  (an attribute a subclass made a property)
+        if isinstance(err, trio.Cancelled):
+            raise
+        cause = None
+    if isinstance(cause, BaseException):
         tb += f"(caused by {error_type(cause)}: {error_message(cause)[:500]})\n"
     return jsontext.storable(tb)[-TRACEBACK_CHARS:]
 

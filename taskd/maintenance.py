@@ -15,9 +15,12 @@ import trio
 
 from taskd.config import Settings
 from taskd.errors import DatabaseError, DatabaseUnavailable
+from taskd.models import TaskStatus
 from taskd.store import Store
 
 log = logging.getLogger("taskd.maintenance")
+
+RESCUES_PER_CRASH_LIMIT = 2
 
 
 def rescue_interval(lease_seconds: float) -> float:
@@ -29,9 +32,14 @@ async def rescue_loop(store: Store, settings: Settings, keep: Callable[[], Seque
     this process's own cut-off attempts, which it hands back itself."""
     while True:
         try:
-            rescued = await store.rescue_expired(keep())
-            for task_id, _status in rescued:
-                log.warning("task %d: its process's lease expired; requeued (a crash, not a retry)", task_id)
+            # Rescues alone fail a task only at twice MAX_CRASHES: by then it was quarantined
+            # and its processes still died under it.
+            rescued = await store.rescue_expired(keep(), fail_at=RESCUES_PER_CRASH_LIMIT * settings.max_crashes)
+            for task_id, status in rescued:
+                if status == TaskStatus.FAILED:
+                    log.warning("task %d: its process died under it again, quarantine included; failed", task_id)
+                else:
+                    log.warning("task %d: its process's lease expired; requeued (a crash, not a retry)", task_id)
             await store.prune_processes(older_than=max(60.0, 10 * settings.lease_seconds))
         except DatabaseUnavailable as exc:
             log.debug("rescuing expired leases failed: %s", exc)  # the outage is reported once, by the store

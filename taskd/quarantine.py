@@ -15,6 +15,7 @@ Imports taskd.builtin_tasks, taskd.registry, taskd.failures, taskd.jsontext, tas
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
@@ -27,6 +28,8 @@ import trio_asyncio
 
 from taskd import failures
 from taskd.models import ClaimedTask
+
+PR_SET_PDEATHSIG = 1
 
 
 class QuarantinedFailure(Exception):
@@ -59,10 +62,14 @@ async def run_quarantined(task: ClaimedTask, task_modules: tuple[str, ...]) -> s
     request = json.dumps({
         "sys_path": sys.path, "task_modules": list(task_modules), "task_type": task.task_type,
         "task_id": task.id, "attempt": task.attempt, "max_retries": task.max_retries,
-        "payload_json": task.payload_json,
+        "payload_json": task.payload_json, "parent": os.getpid(),
     }).encode()
+    # A session of its own: a handler that signals its process group (to clean up its
+    # own children, say) cannot reach taskd, and a Ctrl-C at the terminal reaches only
+    # taskd, which then stops the child as its shutdown says.
     proc = await trio.run_process([sys.executable, "-m", "taskd.quarantine"], stdin=request,
-                                  capture_stdout=True, stderr=None, check=False, deliver_cancel=_kill)
+                                  capture_stdout=True, stderr=None, check=False, deliver_cancel=_kill,
+                                  start_new_session=True)
     reply = proc.stdout.decode("utf-8", "replace").strip().splitlines()
     outcome = None
     if proc.returncode == 0 and reply:
@@ -92,11 +99,28 @@ async def _with_asyncio_loop(fn: Any, payload: Any, ctx: Any) -> Any:
     return result
 
 
+def _bind_to_parent(parent: int) -> None:
+    """The parent alone decides when this child stops: it ignores the signals a service
+    manager sends the whole group or cgroup at stop (taskd then cancels it after its
+    grace), and it dies with the parent, so it never runs on beside the attempt that
+    replaces it after a kill -9."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the parent's cancel still kills it
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _child() -> int:
     """The child's side: one request in, one outcome line out."""
     reply = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # whatever the handler prints goes to stderr, not into the reply
     request = json.loads(sys.stdin.read())
+    _bind_to_parent(request["parent"])
     for entry in request["sys_path"]:
         if entry not in sys.path:
             sys.path.append(entry)

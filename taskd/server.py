@@ -15,10 +15,12 @@ without counting the attempt; the connections close.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from typing import Any
 
 import hypercorn.trio
@@ -74,10 +76,15 @@ class Shutdown:
         with trio.move_on_after(STUCK_AFTER_CANCEL):
             await work_done.wait()
         if not work_done.is_set():
-            stuck = [a.key for a in pool.attempts() if a.scope is not None]
-            log.error("%d tasks still run %gs after being cancelled (their handlers swallow trio.Cancelled: %s); "
-                      "releasing what this process holds and exiting", len(stuck), STUCK_AFTER_CANCEL,
-                      ", ".join(f"task {t} attempt {a}" for t, a in stuck[:10]))
+            stuck = [a for a in pool.attempts() if a.scope is not None]
+            log.error("the workers did not stop %gs after being cancelled; %d tasks still run (handlers that "
+                      "swallow trio.Cancelled: %s); writing outcomes, handing back the rest, and exiting",
+                      STUCK_AFTER_CANCEL, len(stuck), ", ".join(f"task {t} attempt {n}" for t, n in
+                                                                 [a.key for a in stuck][:10]) or "none")
+            for attempt in stuck:
+                # Not handed back uncounted, or every restart would run it again for free:
+                # its lease runs out, and the rescue counts a crash (and quarantines it).
+                attempt.abandoned = True
             with trio.CancelScope(shield=True):
                 await write_and_release(store, pool)
             os._exit(1)
@@ -86,6 +93,19 @@ class Shutdown:
         """On a second signal stop waiting for open HTTP requests too."""
         await self.immediate.wait()
         scope.cancel()
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    """SIGTERM and SIGINT ignored for a bounded stretch of final cleanup: the watcher is gone
+    by then, and a signal must not cut the release of held tasks short (a trio signal
+    receiver would not do: it re-raises on exit what arrived while it was open)."""
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _sibling_note(settings: Settings) -> str:
@@ -104,7 +124,7 @@ async def serve(settings: Settings, registry: Registry, url: str, *, banner: str
         try:
             await _run(store, settings, registry, url, banner)
         finally:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT):
+            with signals_ignored():
                 with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT):
                     try:
                         await store.remove_process()
@@ -172,7 +192,7 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
             # Whatever ended the process short of kill -9 (a bind failure, a crash in
             # any nursery, a second signal): write what it has, release what it holds;
             # a signal now (the watcher is gone) must not cut that short.
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT), trio.CancelScope(shield=True):
+            with signals_ignored(), trio.CancelScope(shield=True):
                 await write_and_release(store, pool)
             store.inserts.close()
             store.finishes.close()

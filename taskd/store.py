@@ -460,10 +460,12 @@ class Store:
     async def remove_process(self) -> None:
         await self._pool.run(self._q["process_remove"], self.process_id)
 
-    async def rescue_expired(self, keep: Sequence[int] = ()) -> list[tuple[int, TaskStatus]]:
-        """Requeue tasks whose lease ran out, except this process's own in `keep` (it is
-        handing those back itself); returns (id, new status) pairs."""
-        rows = await self._pool.run(self._q["task_rescue_expired"], self.process_id, list(keep))
+    async def rescue_expired(
+        self, keep: Sequence[int] = (), *, fail_at: int = 1_000_000
+    ) -> list[tuple[int, TaskStatus]]:
+        """Requeue tasks whose lease ran out, except this process's own in `keep` (it still
+        answers for those), failing those at their `fail_at`th crash; returns (id, new status) pairs."""
+        rows = await self._pool.run(self._q["task_rescue_expired"], self.process_id, list(keep), fail_at)
         self._signal_finished([row["id"] for row in rows if row["status"] == TaskStatus.FAILED])
         if rows:
             self._new_work.set()
@@ -541,7 +543,7 @@ class Store:
     async def ping(self) -> bool:
         try:
             with trio.fail_after(2):
-                return await self._pool.run(self._q["db_ping"]) == 1
+                return await self._pool.run(self._q["db_ping"]) is True
         except (DatabaseError, trio.TooSlowError):
             return False
 

@@ -88,12 +88,16 @@ class WorkerPool:
         return list(self._attempts.values())
 
     def unfinished(self) -> list[tuple[int, int]]:
-        """(task id, attempt) of every claim this process still holds with no outcome written."""
-        return sorted({*self._attempts, *self._to_release})
+        """(task id, attempt) of every claim this process still holds with no outcome written,
+        but those whose handler ignores cancellation (left to be rescued)."""
+        return sorted({*(key for key, a in self._attempts.items() if not a.abandoned), *self._to_release})
 
     def handing_back(self) -> list[int]:
-        """Tasks whose attempts this process cut off and is releasing itself."""
-        return sorted({key[0] for key in self._to_release})
+        """Tasks this process still answers for, which its own rescue must leave alone: attempts
+        it is releasing, running, or whose outcome is with the writer. Not those whose handler
+        ignores cancellation: their lease is left to run out on purpose."""
+        return sorted({key[0] for key in self._to_release}
+                      | {a.task.id for a in self._attempts.values() if not a.abandoned})
 
     def stop_claiming(self) -> None:
         self._claim_scope.cancel()
@@ -113,6 +117,13 @@ class WorkerPool:
         # Written or turned away by the fence: either way this process is done with it.
         for outcome in outcomes:
             self._attempts.pop((outcome.task_id, outcome.attempt), None)
+
+    def _claimable_types(self) -> list[str]:
+        """Every registered type, but while abandoned threads hold every handler thread, only
+        the async ones: a plain-def task claimed now could not run."""
+        if self.threads.limiter.available_tokens > 0:
+            return self.registry.names()
+        return sorted(h.name for h in self.registry if h.is_async)
 
     def _skip(self) -> list[int]:
         """Tasks this process must not claim now: it still runs something of theirs."""
@@ -184,7 +195,6 @@ class WorkerPool:
         Slots are reserved before the claim is sent and the unused ones returned after,
         so the process never holds more tasks than it has slots to run them.
         """
-        task_types = self.registry.names()
         async with send:
             with self._claim_scope:
                 while True:
@@ -197,6 +207,7 @@ class WorkerPool:
                             break
                         reserved += 1
                     self.store.clear_new_work()
+                    task_types = self._claimable_types()
                     skip = self._skip()
                     attempts = await self._claim(reserved, task_types, skip)
                     for _ in range(reserved - len(attempts)):
@@ -216,7 +227,7 @@ class WorkerPool:
         # database that hangs cannot hold shutdown: what it claimed is then rescued.
         sent_at = trio.current_time()
         tasks = []
-        with trio.CancelScope(shield=True, deadline=sent_at + max(self.settings.lease_seconds, CLAIM_LIMIT)):
+        with trio.CancelScope(shield=True, deadline=sent_at + max(1.0, min(self.settings.lease_seconds, CLAIM_LIMIT))):
             try:
                 tasks = await self.store.claim(wanted, task_types, self.settings.lease_seconds, skip)
             except DatabaseError as exc:
@@ -263,13 +274,15 @@ class WorkerPool:
             ended = await run_handler(attempt, handler, self.threads, self.settings.task_modules)
         finally:
             self.gauge.busy -= 1
-        if attempt.deleted or attempt.lease_lost or ended.lease_ran_out:
-            self._settle_without_outcome(attempt)
+        if attempt.deleted or attempt.lease_lost or ended.lease_ran_out or ended.no_thread:
+            self._settle_without_outcome(attempt, no_thread=ended.no_thread)
             return
         try:
             outcome = self._outcome(attempt, ended)
-        except Exception as exc:  # a bug of ours describing it must not cost the worker, nor the result
-            log.exception("task %d attempt %d: describing its outcome failed", *attempt.key)
+        except BaseException as exc:  # noqa: BLE001  (describing must not cost the worker, nor the result)
+            if isinstance(exc, trio.Cancelled):
+                raise
+            log.error("task %d attempt %d: describing its outcome failed: %s", *attempt.key, failures.error_type(exc))
             if ended.error is None:
                 outcome = Outcome(task.id, task.attempt, TaskStatus.COMPLETED, result_json=ended.result_json)
             else:
@@ -281,10 +294,16 @@ class WorkerPool:
         # back once written; until then the heartbeat keeps renewing the lease.
         await self.store.record(outcome)
 
-    def _settle_without_outcome(self, attempt: Attempt) -> None:
+    def _settle_without_outcome(self, attempt: Attempt, *, no_thread: bool = False) -> None:
         self._attempts.pop(attempt.key, None)
         if attempt.deleted:
             log.info("task %d (%s) was deleted while running; cancelled", attempt.task.id, attempt.task.task_type)
+            return
+        if no_thread:
+            log.warning("task %d attempt %d: all %d handler threads are held by abandoned plain-def handlers; "
+                        "handed back without running", attempt.task.id, attempt.task.attempt,
+                        self.settings.max_threads)
+            self._to_release.add(attempt.key)
             return
         attempt.lease_lost = True
         # Info, not a warning: in an outage every running attempt ends here, and the

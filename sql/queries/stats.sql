@@ -54,5 +54,5 @@ GROUP BY 1
 ORDER BY 1;
 
 -- name: db_ping :val
--- Is the database answering?
-SELECT 1;
+-- Is the database answering, and taking writes (not a standby, not read-only)?
+SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off';

@@ -86,26 +86,31 @@ RETURNING t.id, t.attempts;
 -- name: task_rescue_expired :many
 -- Tasks whose process stopped renewing their lease (it died, or lost the
 -- database): run them again at once. The cut attempt counts as a crash, not as
--- a retry, and never fails the task by itself: it may not be the task's doing (an
--- outage, a neighbour that killed the process); a task with crashes runs in
--- quarantine, where a crash is its own. Process $1 leaves alone the tasks in $2
--- that it cut off itself and is handing back without counting.
+-- a retry, and does not fail the task: it may not be the task's doing (an outage,
+-- a neighbour that killed the process); a task with crashes runs in quarantine,
+-- where a crash is its own. Only at $3 crashes, when even quarantine did not stop
+-- its processes dying, is it failed here. Process $1 leaves alone the tasks in $2
+-- that it still answers for (running, writing, or handing back itself).
 WITH expired AS (
     SELECT id FROM taskd.tasks
     WHERE status = 'running' AND locked_until < now()
       AND NOT (locked_by = $1::text AND id = ANY($2::bigint[]))
     FOR UPDATE SKIP LOCKED
 ), err AS (
-    SELECT t.id, jsonb_build_object(
-        'type', 'LeaseExpired',
-        'message', 'the process running this attempt stopped renewing its lease (' || coalesce(t.locked_by, '?')
-                   || '); run again, without spending a retry',
+    SELECT t.id, t.crashes + 1 >= $3::int AS give_up, jsonb_build_object(
+        'type', CASE WHEN t.crashes + 1 >= $3::int THEN 'Crashed' ELSE 'LeaseExpired' END,
+        'message', CASE WHEN t.crashes + 1 >= $3::int
+            THEN 'the process running this task died or lost its lease ' || (t.crashes + 1)
+                 || ' times, quarantine included; not run again (last: ' || coalesce(t.locked_by, '?') || ')'
+            ELSE 'the process running this attempt stopped renewing its lease (' || coalesce(t.locked_by, '?')
+                 || '); run again, without spending a retry' END,
         'attempt', t.attempts,
         'at', now()) AS error
     FROM taskd.tasks t JOIN expired USING (id)
 )
 UPDATE taskd.tasks t
-SET status = 'retrying',
+SET status = CASE WHEN err.give_up THEN 'failed' ELSE 'retrying' END,
+    finished_at = CASE WHEN err.give_up THEN now() END,
     crashes = t.crashes + 1,
     last_error = err.error,
     errors = t.errors || jsonb_build_array(err.error),

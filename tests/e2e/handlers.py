@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from typing import Any
@@ -142,3 +143,9 @@ async def return_garbage(payload: dict[str, Any], ctx: taskd.TaskContext) -> set
 async def return_nan(payload: dict[str, Any], ctx: taskd.TaskContext) -> float:
     """A result JSON text can carry but jsonb refuses."""
     return float("nan")
+
+
+@taskd.task("kill_own_group")
+def kill_own_group(payload: dict[str, Any], ctx: taskd.TaskContext) -> None:
+    """Signals its whole process group, as a handler cleaning up its own children might."""
+    os.killpg(os.getpgrp(), signal.SIGKILL)

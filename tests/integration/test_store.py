@@ -355,3 +355,15 @@ async def test_listening_resumes_after_the_connection_is_lost(store: Store, data
         with trio.fail_after(5):
             await store.wait_for_work()
         nursery.cancel_scope.cancel()
+
+
+async def test_ready_means_the_database_takes_writes(store: Store, database_url: str) -> None:
+    from taskd import db
+
+    assert await store.ping()
+    # What a standby, or a primary demoted in a failover, answers.
+    conn = await db.connect(database_url, server_settings={"default_transaction_read_only": "on"})
+    try:
+        assert await conn.run(store._q["db_ping"]) is False
+    finally:
+        await conn.close()
