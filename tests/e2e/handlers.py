@@ -149,3 +149,11 @@ async def return_nan(payload: dict[str, Any], ctx: taskd.TaskContext) -> float:
 def kill_own_group(payload: dict[str, Any], ctx: taskd.TaskContext) -> None:
     """Signals its whole process group, as a handler cleaning up its own children might."""
     os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+@taskd.task("swallow_cancel")
+async def swallow_cancel(payload: dict[str, Any], ctx: taskd.TaskContext) -> None:
+    """Cannot be cancelled: the bug of a handler that catches everything (here, shielded sleeps)."""
+    while True:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(0.1)

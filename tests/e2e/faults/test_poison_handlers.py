@@ -4,12 +4,24 @@ attempts: the process stays up, the tasks beside them complete, each failure is 
 from __future__ import annotations
 
 import pathlib
+import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
 from tests.e2e.conftest import TaskdProcess
 
-from .conftest import db_fetch, record_tasks, report, submit_batch, task_rows, tracebacks, wait_all_finished
+from .conftest import (
+    completed_count,
+    db_fetch,
+    record_tasks,
+    report,
+    submit_batch,
+    task_rows,
+    tracebacks,
+    wait_all_finished,
+    wait_for,
+)
 
 Launch = Callable[..., TaskdProcess]
 
@@ -98,3 +110,19 @@ def test_a_row_nested_too_deep_to_decode_fails_its_task_and_never_stops_a_start(
     assert (poisoned.last_error or {}).get("type") == "PayloadUnreadable"
     assert all(rows[i].status == "completed" for i in ids)
     assert server.http.get(f"/tasks/{row['id']}").status_code == 200
+
+
+def test_shutdown_ends_even_when_a_handler_swallows_cancellation(database_url: str, launch_taskd: Launch) -> None:
+    server = launch_taskd(database_url, "--shutdown-grace", "1", "--lease-seconds", "2")
+    (stuck,) = submit_batch(server, [{"task_type": "swallow_cancel", "payload": {}}])
+    waiting = submit_batch(server, [{"task_type": "record", "payload": {"seconds": 0.05}} for _ in range(5)])
+    wait_for(lambda: completed_count(database_url) == len(waiting), 30, "the ordinary tasks")
+    server.signal(signal.SIGTERM)
+    began = time.monotonic()
+    code = server.wait_exit(60)
+    took = time.monotonic() - began
+    row = task_rows(database_url)[stuck]
+    report("handler swallows Cancelled", exit=code, shutdown_s=round(took, 1), stuck=(row.status, row.attempts))
+    assert code == 1 and took < 30, "bounded: grace, then 10 s for the stuck handler, then exit"
+    assert "did not stop" in server.output and "Traceback" not in server.output
+    assert (row.status, row.attempts) == ("running", 1), "not handed back uncounted: its lease runs out, rescued"
