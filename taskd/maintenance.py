@@ -3,7 +3,7 @@ out), and forgetting processes long gone. (Heartbeats belong to the worker pool,
 which knows what it holds.)
 
 The server starts these loops; this module opens no nursery.
-Imports taskd.store, taskd.config, taskd.models, taskd.errors.
+Imports taskd.store, taskd.attempts, taskd.config, taskd.models, taskd.errors.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from taskd.attempts import QUARANTINE_AFTER_CRASHES
 from taskd.config import Settings
 from taskd.errors import DatabaseError, DatabaseUnavailable
 from taskd.models import TaskStatus
@@ -20,7 +21,11 @@ from taskd.store import Store
 
 log = logging.getLogger("taskd.maintenance")
 
-RESCUES_PER_CRASH_LIMIT = 2
+
+def rescue_fail_at(max_crashes: int) -> int:
+    """The crash count at which a rescue alone fails a task: only well past quarantine (by
+    then its processes died under it even there), never before it had its chance there."""
+    return max(QUARANTINE_AFTER_CRASHES + max_crashes, 2 * max_crashes)
 
 
 def rescue_interval(lease_seconds: float) -> float:
@@ -32,9 +37,7 @@ async def rescue_loop(store: Store, settings: Settings, keep: Callable[[], Seque
     this process's own cut-off attempts, which it hands back itself."""
     while True:
         try:
-            # Rescues alone fail a task only at twice MAX_CRASHES: by then it was quarantined
-            # and its processes still died under it.
-            rescued = await store.rescue_expired(keep(), fail_at=RESCUES_PER_CRASH_LIMIT * settings.max_crashes)
+            rescued = await store.rescue_expired(keep(), fail_at=rescue_fail_at(settings.max_crashes))
             for task_id, status in rescued:
                 if status == TaskStatus.FAILED:
                     log.warning("task %d: its process died under it again, quarantine included; failed", task_id)

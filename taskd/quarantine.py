@@ -15,12 +15,13 @@ Imports taskd.builtin_tasks, taskd.registry, taskd.failures, taskd.jsontext, tas
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import json
 import os
 import signal
 import sys
+import threading
+import time
 from typing import Any
 
 import trio
@@ -29,7 +30,7 @@ import trio_asyncio
 from taskd import failures
 from taskd.models import ClaimedTask
 
-PR_SET_PDEATHSIG = 1
+PARENT_CHECK_SECONDS = 0.5
 
 
 class QuarantinedFailure(Exception):
@@ -42,7 +43,12 @@ class QuarantinedFailure(Exception):
 
 async def _kill(process: trio.Process) -> None:
     # At once, not SIGTERM and a grace: a cancelled attempt must stop before its lease
-    # can run out, and a handler in quarantine is not trusted to clean up.
+    # can run out, and a handler in quarantine is not trusted to clean up. The whole
+    # session's group: whatever the handler started goes with it.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     process.kill()
 
 
@@ -100,19 +106,22 @@ async def _with_asyncio_loop(fn: Any, payload: Any, ctx: Any) -> Any:
 
 
 def _bind_to_parent(parent: int) -> None:
-    """The parent alone decides when this child stops: it ignores the signals a service
-    manager sends the whole group or cgroup at stop (taskd then cancels it after its
-    grace), and it dies with the parent, so it never runs on beside the attempt that
-    replaces it after a kill -9."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the parent's cancel still kills it
-        pass
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    """The parent alone decides when this child stops: SIGTERM and SIGINT, which a service
+    manager or a terminal sends the whole group or cgroup, are caught and dropped (taskd
+    cancels the child after its own grace; the handler's own subprocesses, if any, get the
+    default back when they exec); and the child exits when taskd is gone, so it never runs
+    on beside the attempt that replaces it after a kill -9. (Not PR_SET_PDEATHSIG: that
+    follows the thread that forked the child, and trio forks from worker threads that
+    exit when idle.)"""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: None)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
         os._exit(1)
+
+    threading.Thread(target=watch, name="taskd-parent-watch", daemon=True).start()
 
 
 def _child() -> int:

@@ -300,9 +300,9 @@ class WorkerPool:
             log.info("task %d (%s) was deleted while running; cancelled", attempt.task.id, attempt.task.task_type)
             return
         if no_thread:
-            log.warning("task %d attempt %d: all %d handler threads are held by abandoned plain-def handlers; "
-                        "handed back without running", attempt.task.id, attempt.task.attempt,
-                        self.settings.max_threads)
+            log.warning("task %d attempt %d: no handler thread came free within its timeout (all %d are "
+                        "busy, abandoned ones included); handed back without running", attempt.task.id,
+                        attempt.task.attempt, self.settings.max_threads)
             self._to_release.add(attempt.key)
             return
         attempt.lease_lost = True

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
+import subprocess
 import time
 import uuid
 from typing import Any
@@ -157,3 +159,11 @@ async def swallow_cancel(payload: dict[str, Any], ctx: taskd.TaskContext) -> Non
     while True:
         with trio.CancelScope(shield=True):
             await trio.sleep(0.1)
+
+
+@taskd.task("spawn_and_wait")
+def spawn_and_wait(payload: dict[str, Any], ctx: taskd.TaskContext) -> None:
+    """Starts a subprocess of its own (its pid written to payload.pidfile) and waits."""
+    child = subprocess.Popen(["sleep", "60"])
+    pathlib.Path(payload["pidfile"]).write_text(str(child.pid))
+    time.sleep(60)

@@ -3,6 +3,9 @@ These start real child processes (no database)."""
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import trio
 
 from taskd import failures
@@ -45,3 +48,26 @@ async def test_a_timeout_kills_the_child_at_once() -> None:
     with trio.move_on_after(1):
         await run_quarantined(_task("sleep", '{"seconds": 30}'), MODULES)
     assert trio.current_time() - started < 3
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status  # a zombie left for init to reap is dead
+
+
+async def test_a_handler_running_longer_than_trios_idle_thread_timeout_is_not_killed() -> None:
+    # trio forks from worker threads that exit after 10 s idle; nothing may tie the child to them.
+    assert await run_quarantined(_task("sleep", '{"seconds": 11}'), MODULES) == '{"slept":11}'
+
+
+async def test_a_timeout_kills_what_the_handler_started_too(tmp_path: pathlib.Path) -> None:
+    pidfile = tmp_path / "pid"
+    with trio.move_on_after(3):
+        await run_quarantined(_task("spawn_and_wait", json.dumps({"pidfile": str(pidfile)})), MODULES)
+    grandchild = int(pidfile.read_text())
+    with trio.fail_after(2):
+        while _alive(grandchild):  # noqa: ASYNC110  (another process's state)
+            await trio.sleep(0.05)
