@@ -105,6 +105,7 @@ def task_json_parts(task: Task) -> list[str]:
         ("attempts", str(task.attempts)),
         ("max_retries", str(task.max_retries)),
         ("crashes", str(task.crashes)),
+        ("priority", str(task.priority)),
         ("timeout_seconds", _dump(task.timeout_seconds)),
         ("created_at", _dump(_iso(task.created_at))),
         ("started_at", _dump(_iso(task.started_at))),
@@ -122,6 +123,7 @@ def summary_json(task: TaskSummary) -> dict[str, Any]:
         "attempts": task.attempts,
         "max_retries": task.max_retries,
         "crashes": task.crashes,
+        "priority": task.priority,
         "created_at": _iso(task.created_at),
         "started_at": _iso(task.started_at),
         "finished_at": _iso(task.finished_at),
@@ -223,7 +225,8 @@ def create_app(store: Store, registry: Registry, settings: Settings, gauge: Work
 
     def new_task(data: TaskIn) -> Any:
         return registry.new_task(settings, data.task_type, data.payload,
-                                 max_retries=data.max_retries, timeout_seconds=data.timeout_seconds)
+                                 max_retries=data.max_retries, timeout_seconds=data.timeout_seconds,
+                                 priority=data.priority)
 
     @app.before_request
     async def refuse_oversized_bodies() -> None:

@@ -38,6 +38,7 @@ class NewTask:
     payload_json: str
     max_retries: int
     timeout_seconds: float
+    priority: int = 0
 
 
 # ClaimedTask and Outcome are made once per task on the hot path: plain slotted
@@ -104,6 +105,7 @@ class Task:
     finished_at: dt.datetime | None
     last_error_json: str | None
     errors_json: str
+    priority: int = 0
 
     @property
     def finished(self) -> bool:
@@ -143,6 +145,7 @@ class TaskSummary:
     has_error: bool  # there is a last error (its type and message may still be null)
     error_type: str | None
     error_message: str | None
+    priority: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

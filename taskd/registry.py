@@ -22,6 +22,7 @@ from taskd.models import NewTask
 MAX_TIMEOUT = 7 * 86_400.0
 MAX_RETRIES_LIMIT = 1000
 MAX_TYPE_CHARS = 200
+PRIORITY_RANGE = (-100, 100)
 
 
 class TaskContext:
@@ -60,6 +61,11 @@ class Handler:
     is_async: bool
     timeout: float | None = None
     max_retries: int | None = None
+    priority: int | None = None
+
+
+def _is_priority(value: object) -> bool:
+    return type(value) is int and PRIORITY_RANGE[0] <= value <= PRIORITY_RANGE[1]
 
 
 class Registry:
@@ -69,7 +75,8 @@ class Registry:
         self._handlers: dict[str, Handler] = {}
 
     def register(
-        self, name: str, fn: Callable[..., Any], *, timeout: float | None = None, max_retries: int | None = None
+        self, name: str, fn: Callable[..., Any], *, timeout: float | None = None, max_retries: int | None = None,
+        priority: int | None = None,
     ) -> Handler:
         if not name or not isinstance(name, str):
             raise ValueError("a task type needs a non-empty name")
@@ -77,20 +84,25 @@ class Registry:
             raise ValueError(f"task {name!r}: timeout must be > 0 and <= {MAX_TIMEOUT:g} seconds")
         if max_retries is not None and not 0 <= max_retries <= MAX_RETRIES_LIMIT:
             raise ValueError(f"task {name!r}: max_retries must be between 0 and {MAX_RETRIES_LIMIT}")
+        if priority is not None and not _is_priority(priority):
+            raise ValueError(f"task {name!r}: priority must be a whole number from {PRIORITY_RANGE[0]} to "
+                             f"{PRIORITY_RANGE[1]}")
         existing = self._handlers.get(name)
         if existing is not None and existing.fn is not fn:
             raise ValueError(f"task type {name!r} is already registered to {existing.fn.__qualname__}")
-        handler = Handler(name, fn, inspect.iscoroutinefunction(fn), timeout, max_retries)
+        handler = Handler(name, fn, inspect.iscoroutinefunction(fn), timeout, max_retries, priority)
         self._handlers[name] = handler
         return handler
 
     def task(
-        self, name: str | None = None, *, timeout: float | None = None, max_retries: int | None = None
+        self, name: str | None = None, *, timeout: float | None = None, max_retries: int | None = None,
+        priority: int | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator: register the function as the handler of task type `name` (default: its name)."""
+        """Decorator: register the function as the handler of task type `name` (default: its name);
+        its limits and priority are the defaults a submitted task may override."""
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self.register(name or fn.__name__, fn, timeout=timeout, max_retries=max_retries)
+            self.register(name or fn.__name__, fn, timeout=timeout, max_retries=max_retries, priority=priority)
             return fn
 
         return decorate
@@ -112,6 +124,7 @@ class Registry:
         *,
         max_retries: int | None = None,
         timeout_seconds: float | None = None,
+        priority: int | None = None,
     ) -> NewTask:
         """Check a submitted task against the registry and resolve its defaults (task, then
         handler, then settings). The one rule for every way in: the HTTP API and taskd.enqueue."""
@@ -125,6 +138,9 @@ class Registry:
                 isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, int | float)
                 or not 0 < timeout_seconds <= MAX_TIMEOUT):
             raise InvalidTask(f"timeout_seconds must be > 0 and <= {MAX_TIMEOUT:g}", field="timeout_seconds")
+        if priority is not None and not _is_priority(priority):
+            raise InvalidTask(f"priority must be a whole number from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}",
+                              field="priority")
         handler = self._handlers.get(task_type)
         if handler is None:
             known = ", ".join(self.names()) or "none"
@@ -137,7 +153,9 @@ class Registry:
             max_retries = handler.max_retries if handler.max_retries is not None else settings.max_retries
         if timeout_seconds is None:
             timeout_seconds = handler.timeout if handler.timeout is not None else settings.task_timeout
-        return NewTask(task_type, payload_json, max_retries, float(timeout_seconds))
+        if priority is None:
+            priority = handler.priority if handler.priority is not None else 0
+        return NewTask(task_type, payload_json, max_retries, float(timeout_seconds), priority)
 
 
 default_registry = Registry()

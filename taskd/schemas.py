@@ -24,6 +24,8 @@ class TaskIn(BaseModel):
     task_type: str = Field(min_length=1, max_length=200, description="a registered task type")
     payload: dict[str, Any] = Field(default_factory=dict, description="the handler's input, a JSON object")
     max_retries: int | None = Field(None, ge=0, le=1000, description="retries after the first attempt")
+    priority: int | None = Field(None, ge=-100, le=100, description="higher runs first; equal priorities in "
+                                 "submission order (default: the handler's, else 0)")
     timeout_seconds: float | None = Field(None, gt=0, le=MAX_TIMEOUT_SECONDS, description="limit on one attempt")
 
 
@@ -66,6 +68,7 @@ class TaskOut(BaseModel):
     attempts: int
     max_retries: int
     crashes: int = Field(description="attempts cut short by a dying process; they do not spend retries")
+    priority: int = Field(description="-100..100; higher runs first")
     timeout_seconds: float
     created_at: str
     started_at: str | None
@@ -88,6 +91,7 @@ class TaskSummaryOut(BaseModel):
     attempts: int
     max_retries: int
     crashes: int
+    priority: int
     created_at: str
     started_at: str | None
     finished_at: str | None

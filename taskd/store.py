@@ -170,6 +170,7 @@ def _task_from_row(row: Mapping[str, Any]) -> Task:
         finished_at=row["finished_at"],
         last_error_json=row["last_error"],
         errors_json=row["errors"],
+        priority=row["priority"],
     )
 
 
@@ -187,6 +188,7 @@ def _summary_from_row(row: Mapping[str, Any]) -> TaskSummary:
         has_error=row["has_error"],
         error_type=row["error_type"],
         error_message=row["error_message"],
+        priority=row["priority"],
     )
 
 
@@ -576,6 +578,7 @@ def _insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
         [t.payload_json for t in tasks],
         [t.max_retries for t in tasks],
         [t.timeout_seconds for t in tasks],
+        [t.priority for t in tasks],
     )
 
 

@@ -1,9 +1,9 @@
 -- name: task_insert_many :many
 -- Insert one task per array element; ids come from one identity sequence, so
 -- ascending ids follow the order of the arrays.
-INSERT INTO taskd.tasks (task_type, payload, max_retries, timeout_seconds)
-SELECT t, p::jsonb, r, s
-FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[]) AS u(t, p, r, s)
+INSERT INTO taskd.tasks (task_type, payload, max_retries, timeout_seconds, priority)
+SELECT t, p::jsonb, r, s, pr
+FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[], $5::smallint[]) AS u(t, p, r, s, pr)
 RETURNING id;
 
 -- name: task_claim_many :many
@@ -125,7 +125,7 @@ RETURNING t.id, t.status;
 -- One task by id, everything a client may see; the jsonb columns as text, passed through to clients.
 SELECT id, task_type, status, payload::text AS payload, result::text AS result, attempts, max_retries,
        crashes, timeout_seconds, created_at, started_at, finished_at, last_error::text AS last_error,
-       errors::text AS errors
+       errors::text AS errors, priority
 FROM taskd.tasks WHERE id = $1::bigint;
 
 -- name: task_list :many
@@ -133,7 +133,7 @@ FROM taskd.tasks WHERE id = $1::bigint;
 -- after the keyset cursor $3 (ids below it), at most $4 rows. Payload, result and
 -- errors are never read (a large one would have to be fetched from TOAST), and
 -- of the last error only its type and the first 500 characters of its message.
-SELECT id, task_type, status, attempts, max_retries, crashes, created_at, started_at, finished_at,
+SELECT id, task_type, status, attempts, max_retries, crashes, created_at, started_at, finished_at, priority,
        last_error IS NOT NULL AS has_error, last_error->>'type' AS error_type,
        left(last_error->>'message', 500) AS error_message
 FROM taskd.tasks
@@ -163,7 +163,7 @@ LIMIT $4::int;
 -- deleted since its size was read is simply missing).
 SELECT id, task_type, status, payload::text AS payload, result::text AS result, attempts, max_retries,
        crashes, timeout_seconds, created_at, started_at, finished_at, last_error::text AS last_error,
-       errors::text AS errors
+       errors::text AS errors, priority
 FROM taskd.tasks WHERE id = ANY($1::bigint[])
 ORDER BY id DESC;
 

@@ -8,6 +8,7 @@ import trio
 import trio_asyncio
 
 from taskd import client, db, sql
+from taskd.config import Settings
 from taskd.errors import DatabaseUnavailable
 from taskd.migrations import apply_migrations
 from taskd.models import NewTask, Outcome, TaskStatus
@@ -367,3 +368,14 @@ async def test_ready_means_the_database_takes_writes(store: Store, database_url:
         assert await conn.run(store._q["db_ping"]) is False
     finally:
         await conn.close()
+
+
+async def test_higher_priorities_are_claimed_first_and_equal_ones_in_submission_order(store: Store) -> None:
+    priorities = [0, 5, -100, 5, 100, 0, -1]
+    ids = await store.submit_many([
+        client.prepare("echo", {"i": i}, priority=p, settings=Settings()) for i, p in enumerate(priorities)])
+    order = [t.id for t in await store.claim(3, ["echo"], 30)] + [t.id for t in await store.claim(10, ["echo"], 30)]
+    by_priority = sorted(range(len(ids)), key=lambda i: (-priorities[i], i))
+    assert order == [ids[i] for i in by_priority]
+    task = await store.get(ids[4])
+    assert task and task.priority == 100

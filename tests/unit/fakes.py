@@ -31,18 +31,19 @@ class FakeStore:
         self._written: list[Callable[[Sequence[Outcome], set[tuple[int, int]]], None]] = []
 
     # submitting
-    def add(self, task_type: str, payload: Any, *, max_retries: int = 3, timeout: float = 60.0) -> int:
+    def add(self, task_type: str, payload: Any, *, max_retries: int = 3, timeout: float = 60.0,
+            priority: int = 0) -> int:
         task_id = len(self.tasks) + 1
         self.tasks[task_id] = {"id": task_id, "task_type": task_type, "payload": payload, "status": "pending",
                                "attempts": 0, "max_retries": max_retries, "timeout": timeout,
-                               "result": None, "errors": [], "run_at": 0.0, "crashes": 0}
+                               "result": None, "errors": [], "run_at": 0.0, "crashes": 0, "priority": priority}
         self._new_work.set()
         return task_id
 
     async def submit(self, task: NewTask) -> int:
         self.submitted.append(task)
         return self.add(task.task_type, jsontext.loads(task.payload_json),
-                        max_retries=task.max_retries, timeout=task.timeout_seconds)
+                        max_retries=task.max_retries, timeout=task.timeout_seconds, priority=task.priority)
 
     async def submit_many(self, tasks: Sequence[NewTask]) -> list[int]:
         return [await self.submit(t) for t in tasks]
@@ -74,7 +75,7 @@ class FakeStore:
         await trio.lowlevel.checkpoint()
         now = trio.current_time()
         claimed = []
-        for row in self.tasks.values():
+        for row in sorted(self.tasks.values(), key=lambda r: (-r["priority"], r["run_at"], r["id"])):
             if len(claimed) >= limit:
                 break
             if (row["status"] in ("pending", "retrying") and row["run_at"] <= now and row["task_type"] in task_types
@@ -136,14 +137,15 @@ class FakeStore:
         return Task(row["id"], row["task_type"], TaskStatus(row["status"]), json.dumps(row["payload"]),
                     None if row["result"] is None else json.dumps(row["result"]), row["attempts"],
                     row["max_retries"], row["crashes"], row["timeout"], now, None, None,
-                    None if last_error is None else json.dumps(last_error), json.dumps(row["errors"]))
+                    None if last_error is None else json.dumps(last_error), json.dumps(row["errors"]),
+                    row["priority"])
 
     def _summary(self, row: dict[str, Any]) -> TaskSummary:
         last_error = row["errors"][-1] if row["errors"] else None
         return TaskSummary(row["id"], row["task_type"], TaskStatus(row["status"]), row["attempts"],
                            row["max_retries"], row["crashes"], dt.datetime.now(dt.UTC), None, None,
                            last_error is not None, last_error and last_error.get("type"),
-                           last_error and str(last_error.get("message"))[:500])
+                           last_error and str(last_error.get("message"))[:500], row["priority"])
 
     def _listed(self, status: str | None, task_type: str | None, before_id: int | None) -> list[dict[str, Any]]:
         return [r for r in sorted(self.tasks.values(), key=lambda r: -r["id"])

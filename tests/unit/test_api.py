@@ -38,6 +38,17 @@ async def error_of(response: Any, status: int) -> dict[str, Any]:
     return body["error"]
 
 
+async def test_priority_is_taken_on_submit_and_shown(client: Any, store: FakeStore) -> None:
+    response = await post(client, "/tasks", {"task_type": "echo", "priority": 7})
+    assert response.status_code == 201 and store.submitted[-1].priority == 7
+    batch = await post(client, "/tasks/batch", {"tasks": [{"task_type": "echo", "priority": -100},
+                                                          {"task_type": "echo"}]})
+    assert batch.status_code == 201 and [t.priority for t in store.submitted[-2:]] == [-100, 0]
+    assert (await (await client.get("/tasks/1")).get_json())["priority"] == 7
+    listed = (await (await client.get("/tasks")).get_json())["items"]
+    assert [t["priority"] for t in listed] == [0, -100, 7]
+
+
 async def test_submit_returns_201_with_location(client: Any, store: FakeStore) -> None:
     response = await post(client, "/tasks", {"task_type": "echo", "payload": {"a": 1}, "max_retries": 0})
     assert response.status_code == 201
@@ -58,7 +69,9 @@ async def test_submit_returns_201_with_location(client: Any, store: FakeStore) -
         (b'{"task_type": "echo", "max_retries": -1}', JSON, 422, "invalid_request"),
         (b'{"task_type": "echo", "max_retries": "3"}', JSON, 422, "invalid_request"),
         (b'{"task_type": "echo", "timeout_seconds": 0}', JSON, 422, "invalid_request"),
-        (b'{"task_type": "echo", "priority": 5}', JSON, 422, "invalid_request"),
+        (b'{"task_type": "echo", "priority": 101}', JSON, 422, "invalid_request"),
+        (b'{"task_type": "echo", "priority": true}', JSON, 422, "invalid_request"),
+        (b'{"task_type": "echo", "queue_name": "x"}', JSON, 422, "invalid_request"),
         (b'{"task_type": "echo", "payload": {"s": "\\u0000"}}', JSON, 422, "invalid_task"),
         (b'[]', JSON, 422, "invalid_request"),
         (b'{"payload": {}}', JSON, 422, "invalid_request"),
@@ -140,9 +153,9 @@ async def test_list_filters_and_pages_with_a_cursor(client: Any, store: FakeStor
 
 
 SUMMARY_KEYS = {"id", "task_type", "status", "attempts", "max_retries", "crashes", "created_at", "started_at",
-                "finished_at", "last_error"}
+                "finished_at", "last_error", "priority"}
 FULL_KEYS = {"id", "task_type", "status", "payload", "result", "attempts", "max_retries", "crashes",
-             "timeout_seconds", "created_at", "started_at", "finished_at", "last_error", "errors"}
+             "timeout_seconds", "created_at", "started_at", "finished_at", "last_error", "errors", "priority"}
 
 
 async def test_list_gives_summaries_by_default_and_full_tasks_on_request(client: Any, store: FakeStore) -> None:

@@ -123,3 +123,22 @@ def test_enqueue_reads_the_server_settings_from_the_environment(tmp_path: Any, m
     assert (settings.max_retries, settings.task_timeout) == (9, 42.0)
     task = client.prepare("echo", {}, settings=settings)
     assert (task.max_retries, task.timeout_seconds) == (9, 42.0)
+
+
+def test_priority_comes_from_the_task_then_the_handler_then_zero() -> None:
+    registry = Registry()
+
+    @registry.task("urgent", priority=50)
+    async def urgent(payload: Any, ctx: TaskContext) -> None:
+        return None
+
+    registry.register("plain", lambda payload, ctx: None)
+    server = Settings()
+    assert registry.new_task(server, "urgent", {}).priority == 50
+    assert registry.new_task(server, "urgent", {}, priority=-3).priority == -3
+    assert registry.new_task(server, "plain", {}).priority == 0
+    for bad in (101, -101, True, 1.5):
+        with pytest.raises(InvalidTask):
+            registry.new_task(server, "plain", {}, priority=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        registry.register("loud", lambda payload, ctx: None, priority=1000)
