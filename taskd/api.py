@@ -106,6 +106,7 @@ def task_json_parts(task: Task) -> list[str]:
         ("max_retries", str(task.max_retries)),
         ("crashes", str(task.crashes)),
         ("priority", str(task.priority)),
+        ("run_at", _dump(_iso(task.run_at))),
         ("timeout_seconds", _dump(task.timeout_seconds)),
         ("created_at", _dump(_iso(task.created_at))),
         ("started_at", _dump(_iso(task.started_at))),
@@ -124,6 +125,7 @@ def summary_json(task: TaskSummary) -> dict[str, Any]:
         "max_retries": task.max_retries,
         "crashes": task.crashes,
         "priority": task.priority,
+        "run_at": _iso(task.run_at),
         "created_at": _iso(task.created_at),
         "started_at": _iso(task.started_at),
         "finished_at": _iso(task.finished_at),
@@ -226,7 +228,7 @@ def create_app(store: Store, registry: Registry, settings: Settings, gauge: Work
     def new_task(data: TaskIn) -> Any:
         return registry.new_task(settings, data.task_type, data.payload,
                                  max_retries=data.max_retries, timeout_seconds=data.timeout_seconds,
-                                 priority=data.priority)
+                                 priority=data.priority, run_at=data.run_at, delay_seconds=data.delay_seconds)
 
     @app.before_request
     async def refuse_oversized_bodies() -> None:

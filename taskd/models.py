@@ -11,6 +11,7 @@ from typing import Any
 
 
 class TaskStatus(enum.StrEnum):
+    SCHEDULED = "scheduled"  # reported, never stored: a pending task whose run_at is still ahead
     PENDING = "pending"
     RUNNING = "running"
     RETRYING = "retrying"
@@ -39,6 +40,8 @@ class NewTask:
     max_retries: int
     timeout_seconds: float
     priority: int = 0
+    run_at: dt.datetime | None = None  # when it may first run (None: now, or after delay_seconds)
+    delay_seconds: float | None = None
 
 
 # ClaimedTask and Outcome are made once per task on the hot path: plain slotted
@@ -106,6 +109,7 @@ class Task:
     last_error_json: str | None
     errors_json: str
     priority: int = 0
+    run_at: dt.datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -146,6 +150,7 @@ class TaskSummary:
     error_type: str | None
     error_message: str | None
     priority: int = 0
+    run_at: dt.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

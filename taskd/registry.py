@@ -8,6 +8,7 @@ Imports taskd.config, taskd.models, taskd.errors and taskd.jsontext.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import functools
 import inspect
 import logging
@@ -23,6 +24,7 @@ MAX_TIMEOUT = 7 * 86_400.0
 MAX_RETRIES_LIMIT = 1000
 MAX_TYPE_CHARS = 200
 PRIORITY_RANGE = (-100, 100)
+MAX_DELAY_SECONDS = 31_536_000  # a year
 
 
 class TaskContext:
@@ -125,6 +127,8 @@ class Registry:
         max_retries: int | None = None,
         timeout_seconds: float | None = None,
         priority: int | None = None,
+        run_at: dt.datetime | None = None,
+        delay_seconds: float | None = None,
     ) -> NewTask:
         """Check a submitted task against the registry and resolve its defaults (task, then
         handler, then settings). The one rule for every way in: the HTTP API and taskd.enqueue."""
@@ -141,6 +145,13 @@ class Registry:
         if priority is not None and not _is_priority(priority):
             raise InvalidTask(f"priority must be a whole number from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}",
                               field="priority")
+        if run_at is not None and delay_seconds is not None:
+            raise InvalidTask("give run_at or delay_seconds, not both", field="run_at")
+        if run_at is not None and (not isinstance(run_at, dt.datetime) or run_at.utcoffset() is None):
+            raise InvalidTask("run_at must be a time with a UTC offset (RFC 3339)", field="run_at")
+        if delay_seconds is not None and (isinstance(delay_seconds, bool) or not isinstance(delay_seconds, int | float)
+                                          or not 0 <= delay_seconds <= MAX_DELAY_SECONDS):
+            raise InvalidTask(f"delay_seconds must be from 0 to {MAX_DELAY_SECONDS}", field="delay_seconds")
         handler = self._handlers.get(task_type)
         if handler is None:
             known = ", ".join(self.names()) or "none"
@@ -155,7 +166,8 @@ class Registry:
             timeout_seconds = handler.timeout if handler.timeout is not None else settings.task_timeout
         if priority is None:
             priority = handler.priority if handler.priority is not None else 0
-        return NewTask(task_type, payload_json, max_retries, float(timeout_seconds), priority)
+        return NewTask(task_type, payload_json, max_retries, float(timeout_seconds), priority, run_at,
+                       None if delay_seconds is None else float(delay_seconds))
 
 
 default_registry = Registry()

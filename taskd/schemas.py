@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from taskd.models import TaskStatus
 
@@ -26,6 +26,16 @@ class TaskIn(BaseModel):
     max_retries: int | None = Field(None, ge=0, le=1000, description="retries after the first attempt")
     priority: int | None = Field(None, ge=-100, le=100, description="higher runs first; equal priorities in "
                                  "submission order (default: the handler's, else 0)")
+    run_at: AwareDatetime | None = Field(None, description="run no earlier than this time (RFC 3339 with an offset); "
+                                         "until then the task is reported as scheduled")
+    delay_seconds: float | None = Field(None, ge=0, le=31_536_000, description="run no earlier than this many "
+                                        "seconds from now (instead of run_at)")
+
+    @model_validator(mode="after")
+    def _one_start_time(self) -> TaskIn:
+        if self.run_at is not None and self.delay_seconds is not None:
+            raise ValueError("give run_at or delay_seconds, not both")
+        return self
     timeout_seconds: float | None = Field(None, gt=0, le=MAX_TIMEOUT_SECONDS, description="limit on one attempt")
 
 
@@ -69,6 +79,7 @@ class TaskOut(BaseModel):
     max_retries: int
     crashes: int = Field(description="attempts cut short by a dying process; they do not spend retries")
     priority: int = Field(description="-100..100; higher runs first")
+    run_at: str | None = Field(description="when it may run: first, or (retrying) its next attempt")
     timeout_seconds: float
     created_at: str
     started_at: str | None
@@ -92,6 +103,7 @@ class TaskSummaryOut(BaseModel):
     max_retries: int
     crashes: int
     priority: int
+    run_at: str | None
     created_at: str
     started_at: str | None
     finished_at: str | None

@@ -171,6 +171,7 @@ def _task_from_row(row: Mapping[str, Any]) -> Task:
         last_error_json=row["last_error"],
         errors_json=row["errors"],
         priority=row["priority"],
+        run_at=row["run_at"],
     )
 
 
@@ -189,6 +190,7 @@ def _summary_from_row(row: Mapping[str, Any]) -> TaskSummary:
         error_type=row["error_type"],
         error_message=row["error_message"],
         priority=row["priority"],
+        run_at=row["run_at"],
     )
 
 
@@ -579,6 +581,8 @@ def _insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
         [t.max_retries for t in tasks],
         [t.timeout_seconds for t in tasks],
         [t.priority for t in tasks],
+        [t.run_at for t in tasks],
+        [t.delay_seconds for t in tasks],
     )
 
 

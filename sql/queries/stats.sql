@@ -1,6 +1,7 @@
 -- name: stats_counts :many
--- Task counts per status.
-SELECT status, count(*) AS n FROM taskd.tasks GROUP BY status;
+-- Task counts per status as clients see it (a pending task not yet due is scheduled).
+SELECT CASE WHEN status = 'pending' AND run_at > now() THEN 'scheduled' ELSE status END AS status, count(*) AS n
+FROM taskd.tasks GROUP BY 1;
 
 -- name: stats_recent :one
 -- Completions and failures in the last $1 seconds.
@@ -13,7 +14,8 @@ WHERE finished_at > now() - make_interval(secs => $1::float8);
 -- Per task type: counts per status, and how tasks that needed a retry ended.
 SELECT task_type,
        count(*) AS total,
-       count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'pending' AND run_at > now()) AS scheduled,
+       count(*) FILTER (WHERE status = 'pending' AND run_at <= now()) AS pending,
        count(*) FILTER (WHERE status = 'running') AS running,
        count(*) FILTER (WHERE status = 'retrying') AS retrying,
        count(*) FILTER (WHERE status = 'completed') AS completed,

@@ -1,9 +1,11 @@
 -- name: task_insert_many :many
 -- Insert one task per array element; ids come from one identity sequence, so
 -- ascending ids follow the order of the arrays.
-INSERT INTO taskd.tasks (task_type, payload, max_retries, timeout_seconds, priority)
-SELECT t, p::jsonb, r, s, pr
-FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[], $5::smallint[]) AS u(t, p, r, s, pr)
+-- A task runs from $6 (a time) or after $7 seconds, by the database's clock, else now.
+INSERT INTO taskd.tasks (task_type, payload, max_retries, timeout_seconds, priority, run_at)
+SELECT t, p::jsonb, r, s, pr, COALESCE(ra, now() + make_interval(secs => COALESCE(d, 0)))
+FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[], $5::smallint[], $6::timestamptz[], $7::float8[])
+     AS u(t, p, r, s, pr, ra, d)
 RETURNING id;
 
 -- name: task_claim_many :many
@@ -123,9 +125,9 @@ RETURNING t.id, t.status;
 
 -- name: task_get :one
 -- One task by id, everything a client may see; the jsonb columns as text, passed through to clients.
-SELECT id, task_type, status, payload::text AS payload, result::text AS result, attempts, max_retries,
-       crashes, timeout_seconds, created_at, started_at, finished_at, last_error::text AS last_error,
-       errors::text AS errors, priority
+SELECT id, task_type, CASE WHEN status = 'pending' AND run_at > now() THEN 'scheduled' ELSE status END AS status, payload::text AS payload, result::text AS result,
+       attempts, max_retries, crashes, timeout_seconds, created_at, started_at, finished_at,
+       last_error::text AS last_error, errors::text AS errors, priority, run_at
 FROM taskd.tasks WHERE id = $1::bigint;
 
 -- name: task_list :many
@@ -133,11 +135,13 @@ FROM taskd.tasks WHERE id = $1::bigint;
 -- after the keyset cursor $3 (ids below it), at most $4 rows. Payload, result and
 -- errors are never read (a large one would have to be fetched from TOAST), and
 -- of the last error only its type and the first 500 characters of its message.
-SELECT id, task_type, status, attempts, max_retries, crashes, created_at, started_at, finished_at, priority,
+SELECT id, task_type, CASE WHEN status = 'pending' AND run_at > now() THEN 'scheduled' ELSE status END AS status, attempts, max_retries, crashes, created_at, started_at,
+       finished_at, priority, run_at,
        last_error IS NOT NULL AS has_error, last_error->>'type' AS error_type,
        left(last_error->>'message', 500) AS error_message
 FROM taskd.tasks
-WHERE ($1::text IS NULL OR status = $1::text)
+WHERE ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
+       OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
   AND ($2::text IS NULL OR task_type = $2::text)
   AND ($3::bigint IS NULL OR id < $3::bigint)
 ORDER BY id DESC
@@ -152,7 +156,8 @@ SELECT id,
        + coalesce(octet_length(last_error::text), 4) + octet_length(errors::text)
        + octet_length(task_type) + 300 AS json_bytes
 FROM taskd.tasks
-WHERE ($1::text IS NULL OR status = $1::text)
+WHERE ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
+       OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
   AND ($2::text IS NULL OR task_type = $2::text)
   AND ($3::bigint IS NULL OR id < $3::bigint)
 ORDER BY id DESC
@@ -161,9 +166,9 @@ LIMIT $4::int;
 -- name: task_list_full :many
 -- The tasks with the ids in $1, newest first, as task_get reads them (a row
 -- deleted since its size was read is simply missing).
-SELECT id, task_type, status, payload::text AS payload, result::text AS result, attempts, max_retries,
-       crashes, timeout_seconds, created_at, started_at, finished_at, last_error::text AS last_error,
-       errors::text AS errors, priority
+SELECT id, task_type, CASE WHEN status = 'pending' AND run_at > now() THEN 'scheduled' ELSE status END AS status, payload::text AS payload, result::text AS result,
+       attempts, max_retries, crashes, timeout_seconds, created_at, started_at, finished_at,
+       last_error::text AS last_error, errors::text AS errors, priority, run_at
 FROM taskd.tasks WHERE id = ANY($1::bigint[])
 ORDER BY id DESC;
 

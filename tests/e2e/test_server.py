@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import random
@@ -12,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import asyncpg
 import httpx
 
 from tests.conftest import _admin, with_database
@@ -282,3 +284,26 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_scheduled_task_starts_not_before_its_time_and_within_a_second_after(
+        start_taskd: Start, database_url: str) -> None:
+    server = start_taskd()
+    task_id = submit(server, "echo", {"x": 1}, delay_seconds=2)
+    shown = server.http.get(f"/tasks/{task_id}").json()
+    assert shown["status"] == "scheduled" and shown["run_at"] is not None
+    assert [t["id"] for t in server.http.get("/tasks", params={"status": "scheduled"}).json()["items"]] == [task_id]
+    assert server.http.get("/stats").json()["counts"]["scheduled"] == 1
+    assert server.http.get(f"/tasks/{task_id}/result", params={"wait": 10}).status_code == 200
+
+    async def lateness() -> float:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return float(await conn.fetchval("SELECT extract(epoch FROM started_at - run_at) FROM taskd.tasks "
+                                             "WHERE id = $1", task_id))
+        finally:
+            await conn.close()
+
+    late = asyncio.run(lateness())
+    print(f"scheduled task started {late * 1000:.0f} ms after its run_at")
+    assert 0 <= late < 1.0

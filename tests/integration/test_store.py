@@ -379,3 +379,25 @@ async def test_higher_priorities_are_claimed_first_and_equal_ones_in_submission_
     assert order == [ids[i] for i in by_priority]
     task = await store.get(ids[4])
     assert task and task.priority == 100
+
+
+async def test_a_scheduled_task_is_reported_scheduled_and_claimed_only_once_due(store: Store) -> None:
+    import datetime as dt
+
+    later, past = await store.submit_many([
+        client.prepare("echo", {}, delay_seconds=0.6, settings=Settings()),
+        client.prepare("echo", {}, run_at=dt.datetime(2001, 1, 1, tzinfo=dt.UTC), settings=Settings())])
+    task = await store.get(later)
+    assert task and task.status == TaskStatus.SCHEDULED and task.run_at is not None
+    assert (await store.counts())["scheduled"] == 1 and (await store.counts())["pending"] == 1
+    listed = await store.list_summaries(status="scheduled", task_type=None, before_id=None, limit=10)
+    assert [t.id for t in listed] == [later] and listed[0].status == TaskStatus.SCHEDULED
+    pending = await store.list_summaries(status="pending", task_type=None, before_id=None, limit=10)
+    assert [t.id for t in pending] == [past], "a task not yet due is not listed as pending"
+    assert [t.id for t in await store.claim(5, ["echo"], 30)] == [past], "never before its time"
+    due_in = await store.seconds_until_due(["echo"])
+    assert due_in is not None and 0 < due_in <= 0.6, "the claimer knows when to look again"
+    await trio.sleep(due_in + 0.05)
+    assert [t.id for t in await store.claim(5, ["echo"], 30)] == [later]
+    task = await store.get(later)
+    assert task and task.status == TaskStatus.RUNNING

@@ -49,6 +49,18 @@ async def test_priority_is_taken_on_submit_and_shown(client: Any, store: FakeSto
     assert [t["priority"] for t in listed] == [0, -100, 7]
 
 
+async def test_a_start_time_is_run_at_with_an_offset_or_delay_seconds_not_both(client: Any, store: FakeStore) -> None:
+    ok = await post(client, "/tasks", {"task_type": "echo", "run_at": "2031-01-02T03:04:05+01:00"})
+    assert ok.status_code == 201 and store.submitted[-1].run_at is not None
+    assert store.submitted[-1].run_at.isoformat() == "2031-01-02T03:04:05+01:00"
+    assert (await post(client, "/tasks", {"task_type": "echo", "delay_seconds": 2.5})).status_code == 201
+    assert store.submitted[-1].delay_seconds == 2.5 and store.submitted[-1].run_at is None
+    for bad in [{"run_at": "2031-01-02T03:04:05"}, {"run_at": "soon"}, {"delay_seconds": -1},
+                {"delay_seconds": 31_536_001}, {"run_at": "2031-01-02T03:04:05Z", "delay_seconds": 1}]:
+        await error_of(await post(client, "/tasks", {"task_type": "echo", **bad}), 422)
+    assert len(store.submitted) == 2
+
+
 async def test_submit_returns_201_with_location(client: Any, store: FakeStore) -> None:
     response = await post(client, "/tasks", {"task_type": "echo", "payload": {"a": 1}, "max_retries": 0})
     assert response.status_code == 201
@@ -153,9 +165,10 @@ async def test_list_filters_and_pages_with_a_cursor(client: Any, store: FakeStor
 
 
 SUMMARY_KEYS = {"id", "task_type", "status", "attempts", "max_retries", "crashes", "created_at", "started_at",
-                "finished_at", "last_error", "priority"}
+                "finished_at", "last_error", "priority", "run_at"}
 FULL_KEYS = {"id", "task_type", "status", "payload", "result", "attempts", "max_retries", "crashes",
-             "timeout_seconds", "created_at", "started_at", "finished_at", "last_error", "errors", "priority"}
+             "timeout_seconds", "created_at", "started_at", "finished_at", "last_error", "errors", "priority",
+             "run_at"}
 
 
 async def test_list_gives_summaries_by_default_and_full_tasks_on_request(client: Any, store: FakeStore) -> None:
