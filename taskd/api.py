@@ -30,7 +30,7 @@ from werkzeug.exceptions import HTTPException
 from taskd.coalescer import CoalescerClosed
 from taskd.config import Settings
 from taskd.errors import DatabaseError, DatabaseUnavailable, InvalidTask
-from taskd.models import Task, TaskPage, TaskStatus, TaskSummary, WorkerGauge
+from taskd.models import NewTask, Task, TaskPage, TaskStatus, TaskSummary, WorkerGauge
 from taskd.registry import Registry
 from taskd.schemas import (
     FULL_PAGE_BYTES,
@@ -211,6 +211,12 @@ def _percentiles(avg: float | None, values: Sequence[float] | None) -> dict[str,
     }
 
 
+def _initial_status(task: NewTask) -> str:
+    """What a new task is reported as: scheduled if it may not run yet."""
+    later = (task.delay_seconds or 0) > 0 or (task.run_at is not None and task.run_at > dt.datetime.now(dt.UTC))
+    return TaskStatus.SCHEDULED.value if later else TaskStatus.PENDING.value
+
+
 def create_app(store: Store, registry: Registry, settings: Settings, gauge: WorkerGauge) -> QuartTrio:
     """The Quart-Trio app serving the REST API and its OpenAPI documents."""
     app = QuartTrio("taskd")
@@ -288,7 +294,7 @@ def create_app(store: Store, registry: Registry, settings: Settings, gauge: Work
             _raise_validation(exc)
         task = new_task(data)
         task_id = await store.submit(task)
-        return _json({"id": task_id, "task_type": task.task_type, "status": "pending",
+        return _json({"id": task_id, "task_type": task.task_type, "status": _initial_status(task),
                       "url": f"/tasks/{task_id}"}, 201, {"Location": f"/tasks/{task_id}"})
 
     @app.post("/tasks/batch")

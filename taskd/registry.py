@@ -147,8 +147,13 @@ class Registry:
                               field="priority")
         if run_at is not None and delay_seconds is not None:
             raise InvalidTask("give run_at or delay_seconds, not both", field="run_at")
-        if run_at is not None and (not isinstance(run_at, dt.datetime) or run_at.utcoffset() is None):
-            raise InvalidTask("run_at must be a time with a UTC offset (RFC 3339)", field="run_at")
+        if run_at is not None:
+            if not isinstance(run_at, dt.datetime) or run_at.utcoffset() is None:
+                raise InvalidTask("run_at must be a time with a UTC offset (RFC 3339)", field="run_at")
+            try:
+                run_at = run_at.astimezone(dt.UTC)
+            except OverflowError:
+                raise InvalidTask("run_at is out of range", field="run_at") from None
         if delay_seconds is not None and (isinstance(delay_seconds, bool) or not isinstance(delay_seconds, int | float)
                                           or not 0 <= delay_seconds <= MAX_DELAY_SECONDS):
             raise InvalidTask(f"delay_seconds must be from 0 to {MAX_DELAY_SECONDS}", field="delay_seconds")

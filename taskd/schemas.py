@@ -4,12 +4,15 @@ OpenAPI document. Imports nothing from taskd but taskd.models.
 
 from __future__ import annotations
 
+import datetime
+import re
 from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from taskd.models import TaskStatus
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 MAX_BATCH = 1000
 MAX_TIMEOUT_SECONDS = 7 * 86_400
 # A ?full=true page of GET /tasks is cut short at about this much JSON (never below one task).
@@ -30,6 +33,19 @@ class TaskIn(BaseModel):
                                          "until then the task is reported as scheduled")
     delay_seconds: float | None = Field(None, ge=0, le=31_536_000, description="run no earlier than this many "
                                         "seconds from now (instead of run_at)")
+
+    @field_validator("run_at", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: Any) -> Any:
+        # pydantic also reads a bare number of seconds as a time; the API promises RFC 3339.
+        if value is None:
+            return None
+        if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+            raise ValueError("must be an RFC 3339 time with an offset, like 2031-01-02T03:04:05+01:00")
+        try:
+            return datetime.datetime.fromisoformat(value)  # parsed here: strict mode takes no text after this
+        except ValueError:
+            raise ValueError("must be an RFC 3339 time with an offset, like 2031-01-02T03:04:05+01:00") from None
 
     @model_validator(mode="after")
     def _one_start_time(self) -> TaskIn:

@@ -1,9 +1,10 @@
 -- name: task_insert_many :many
 -- Insert one task per array element; ids come from one identity sequence, so
 -- ascending ids follow the order of the arrays.
--- A task runs from $6 (a time) or after $7 seconds, by the database's clock, else now.
+-- A task runs from $6 (a time) or after $7 seconds, by the database's clock, else
+-- now; a time already past counts as now, so it cannot jump ahead of the queue.
 INSERT INTO taskd.tasks (task_type, payload, max_retries, timeout_seconds, priority, run_at)
-SELECT t, p::jsonb, r, s, pr, COALESCE(ra, now() + make_interval(secs => COALESCE(d, 0)))
+SELECT t, p::jsonb, r, s, pr, GREATEST(COALESCE(ra, now() + make_interval(secs => COALESCE(d, 0))), now())
 FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[], $5::smallint[], $6::timestamptz[], $7::float8[])
      AS u(t, p, r, s, pr, ra, d)
 RETURNING id;

@@ -395,6 +395,8 @@ async def test_a_scheduled_task_is_reported_scheduled_and_claimed_only_once_due(
     pending = await store.list_summaries(status="pending", task_type=None, before_id=None, limit=10)
     assert [t.id for t in pending] == [past], "a task not yet due is not listed as pending"
     assert [t.id for t in await store.claim(5, ["echo"], 30)] == [past], "never before its time"
+    claimed = await store.get(past)
+    assert claimed and claimed.run_at and claimed.run_at.year > 2001, "a past time counts as now: no queue-jumping"
     due_in = await store.seconds_until_due(["echo"])
     assert due_in is not None and 0 < due_in <= 0.6, "the claimer knows when to look again"
     await trio.sleep(due_in + 0.05)

@@ -52,11 +52,14 @@ async def test_priority_is_taken_on_submit_and_shown(client: Any, store: FakeSto
 async def test_a_start_time_is_run_at_with_an_offset_or_delay_seconds_not_both(client: Any, store: FakeStore) -> None:
     ok = await post(client, "/tasks", {"task_type": "echo", "run_at": "2031-01-02T03:04:05+01:00"})
     assert ok.status_code == 201 and store.submitted[-1].run_at is not None
-    assert store.submitted[-1].run_at.isoformat() == "2031-01-02T03:04:05+01:00"
+    assert store.submitted[-1].run_at.isoformat() == "2031-01-02T02:04:05+00:00", "the same instant, in UTC"
     assert (await post(client, "/tasks", {"task_type": "echo", "delay_seconds": 2.5})).status_code == 201
     assert store.submitted[-1].delay_seconds == 2.5 and store.submitted[-1].run_at is None
-    for bad in [{"run_at": "2031-01-02T03:04:05"}, {"run_at": "soon"}, {"delay_seconds": -1},
-                {"delay_seconds": 31_536_001}, {"run_at": "2031-01-02T03:04:05Z", "delay_seconds": 1}]:
+    assert (await ok.get_json())["status"] == "scheduled", "as GET will report it"
+    for bad in [{"run_at": "2031-01-02T03:04:05"}, {"run_at": "soon"}, {"run_at": "1700000000"},
+                {"run_at": "0001-01-01T00:00:00+01:00"}, {"run_at": "9999-12-31T23:00:00-05:00"},
+                {"delay_seconds": -1}, {"delay_seconds": 31_536_001},
+                {"run_at": "2031-01-02T03:04:05Z", "delay_seconds": 1}]:
         await error_of(await post(client, "/tasks", {"task_type": "echo", **bad}), 422)
     assert len(store.submitted) == 2
 
