@@ -5,7 +5,8 @@ connection or transaction with `await taskd.enqueue(conn, "name", payload)`.
 """
 
 from taskd.client import enqueue, enqueue_many, prepare
+from taskd.control import Fail, Retry
 from taskd.registry import TaskContext, task
 
-__all__ = ["TaskContext", "enqueue", "enqueue_many", "prepare", "task"]
+__all__ = ["Fail", "Retry", "TaskContext", "enqueue", "enqueue_many", "prepare", "task"]
 __version__ = "0.1.0"

@@ -57,11 +57,12 @@ class ClaimedTask:
     max_retries: int
     timeout_seconds: float
     crashes: int = 0  # earlier attempts cut short by a dying process; they do not spend retries
+    snoozes: int = 0  # earlier attempts that asked to run again later (taskd.Retry); no retries spent either
 
     @property
     def retries_used(self) -> int:
         """Failed attempts before this one that count against max_retries."""
-        return self.attempt - 1 - self.crashes
+        return self.attempt - 1 - self.crashes - self.snoozes
 
 
 @dataclasses.dataclass(slots=True)
@@ -81,6 +82,7 @@ class Outcome:
     retry_delay: float = 0.0
     may_retry: bool = False  # retries remain, should this outcome turn out unstorable
     crashed: bool = False  # the attempt took its (quarantine) process down: counts as a crash, not a retry
+    snoozed: bool = False  # the handler asked to run again later (taskd.Retry): not a failure
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -28,17 +28,20 @@ import trio
 import trio_asyncio
 
 from taskd import failures
+from taskd.control import Fail, Retry
 from taskd.models import ClaimedTask
 
 PARENT_CHECK_SECONDS = 0.5
 
 
 class QuarantinedFailure(Exception):
-    """The handler failed inside the quarantine process; `described` is its error as stored."""
+    """The handler failed inside the quarantine process; `described` is its error as stored,
+    `final` whether it raised taskd.Fail (no retries)."""
 
-    def __init__(self, described: dict[str, Any]) -> None:
+    def __init__(self, described: dict[str, Any], *, final: bool = False) -> None:
         super().__init__(str(described.get("message", "")))
         self.described = described
+        self.final = final
 
 
 async def _kill(process: trio.Process) -> None:
@@ -85,8 +88,10 @@ async def run_quarantined(task: ClaimedTask, task_modules: tuple[str, ...]) -> s
             outcome = None
     if not isinstance(outcome, dict):
         raise failures.Crashed(_crash_message(proc.returncode or 0))
+    if "retry_after" in outcome:
+        raise Retry(after=float(outcome["retry_after"]))
     if "error" in outcome:
-        raise QuarantinedFailure(outcome["error"])
+        raise QuarantinedFailure(outcome["error"], final=bool(outcome.get("final")))
     return str(outcome["result_json"])
 
 
@@ -149,8 +154,10 @@ def _child() -> int:
         else:
             result = handler.fn(payload, ctx)
         outcome: dict[str, Any] = {"result_json": failures.encode_result(result)}
+    except Retry as snooze:
+        outcome = {"retry_after": snooze.after}
     except BaseException as exc:  # noqa: BLE001  (whatever the handler raises is the attempt's outcome)
-        outcome = {"error": failures.describe_error(exc, request["attempt"])}
+        outcome = {"error": failures.describe_error(exc, request["attempt"]), "final": isinstance(exc, Fail)}
     reply.write(json.dumps(outcome) + "\n")
     reply.flush()
     return 0

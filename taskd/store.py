@@ -356,7 +356,7 @@ class Store:
             self._q["task_claim_many"], self.process_id, limit, list(task_types), lease_seconds, list(skip))
         return [
             ClaimedTask(row["id"], row["task_type"], row["payload"], row["attempts"],
-                        row["max_retries"], row["timeout_seconds"], row["crashes"])
+                        row["max_retries"], row["timeout_seconds"], row["crashes"], row["snoozes"])
             for row in rows
         ]
 
@@ -424,6 +424,7 @@ class Store:
             [o.error_json for o in outcomes],
             [o.retry_delay for o in outcomes],
             [o.crashed for o in outcomes],
+            [o.snoozed for o in outcomes],
         )
         delay = 0.1
         while True:

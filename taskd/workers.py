@@ -27,8 +27,10 @@ import trio
 from taskd import failures, jsontext
 from taskd.attempts import Attempt, HandlerEnded, ThreadTracker, crash_error, run_handler
 from taskd.config import Settings
+from taskd.control import Fail, Retry
 from taskd.errors import DatabaseError
 from taskd.models import Outcome, TaskStatus, WorkerGauge, attempt_error
+from taskd.quarantine import QuarantinedFailure
 from taskd.registry import Registry
 from taskd.store import Store
 
@@ -326,8 +328,13 @@ class WorkerPool:
             status = TaskStatus.FAILED if give_up else TaskStatus.RETRYING
             return Outcome(task.id, task.attempt, status, error_json=error_json, retry_delay=delay,
                            may_retry=not give_up, crashed=True)
-        if isinstance(ended.error, failures.PayloadUnreadable):
-            may_retry = False  # the row will not read better next time
+        if isinstance(ended.error, Retry):
+            # A snooze, not a failure: no error recorded, no retry spent.
+            return Outcome(task.id, task.attempt, TaskStatus.RETRYING, retry_delay=ended.error.after, may_retry=True,
+                           snoozed=True)
+        if isinstance(ended.error, failures.PayloadUnreadable | Fail) or (
+                isinstance(ended.error, QuarantinedFailure) and ended.error.final):
+            may_retry = False  # the row will not read better next time; the handler said so
         error_json = ended.error_json(task.attempt)
         if may_retry:
             return Outcome(task.id, task.attempt, TaskStatus.RETRYING, error_json=error_json, retry_delay=delay,
@@ -338,6 +345,9 @@ class WorkerPool:
         task = attempt.task
         if outcome.status == TaskStatus.COMPLETED:
             log.debug("task %d (%s) completed on attempt %d", task.id, task.task_type, task.attempt)
+        elif outcome.snoozed:
+            log.debug("task %d (%s) attempt %d snoozed; runs again in %.2fs", task.id, task.task_type,
+                      task.attempt, outcome.retry_delay)
         elif outcome.status == TaskStatus.RETRYING:
             log.info("task %d (%s) attempt %d failed, retry in %.2fs: %s", task.id, task.task_type,
                      task.attempt, outcome.retry_delay, _error_summary(outcome))

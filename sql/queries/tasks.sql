@@ -32,7 +32,7 @@ SET status = 'running',
 FROM next
 WHERE t.id = next.id
 RETURNING t.id, t.task_type, t.payload::text AS payload, t.attempts, t.max_retries, t.timeout_seconds,
-          t.crashes;
+          t.crashes, t.snoozes;
 
 -- name: task_next_due :val
 -- Seconds until the next runnable task of the types in $1 falls due, by the
@@ -50,6 +50,7 @@ WHERE status IN ('pending', 'retrying') AND task_type = ANY($1::text[]) AND NOT 
 UPDATE taskd.tasks t
 SET status = u.status,
     crashes = t.crashes + CASE WHEN u.crashed THEN 1 ELSE 0 END,
+    snoozes = t.snoozes + CASE WHEN u.snoozed THEN 1 ELSE 0 END,
     result = u.result::jsonb,
     last_error = COALESCE(u.error::jsonb, t.last_error),
     errors = CASE WHEN u.error IS NULL THEN t.errors ELSE t.errors || jsonb_build_array(u.error::jsonb) END,
@@ -57,8 +58,8 @@ SET status = u.status,
     run_at = CASE WHEN u.status = 'retrying' THEN now() + make_interval(secs => u.delay) ELSE t.run_at END,
     locked_by = NULL,
     locked_until = NULL
-FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], $7::float8[], $8::bool[])
-     AS u(id, attempt, status, result, error, delay, crashed)
+FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], $7::float8[], $8::bool[], $9::bool[])
+     AS u(id, attempt, status, result, error, delay, crashed, snoozed)
 WHERE t.id = u.id AND t.attempts = u.attempt AND t.locked_by = $1::text
 RETURNING t.id, t.attempts;
 

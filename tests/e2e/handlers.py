@@ -167,3 +167,13 @@ def spawn_and_wait(payload: dict[str, Any], ctx: taskd.TaskContext) -> None:
     child = subprocess.Popen(["sleep", "60"])
     pathlib.Path(payload["pidfile"]).write_text(str(child.pid))
     time.sleep(60)
+
+
+@taskd.task("control")
+async def control(payload: dict[str, Any], ctx: taskd.TaskContext) -> str:
+    """Raises taskd.Fail or taskd.Retry(after=12), as payload.do says."""
+    if payload.get("do") == "fail":
+        raise taskd.Fail("told to fail")
+    if payload.get("do") == "retry":
+        raise taskd.Retry(after=12)
+    return "done"

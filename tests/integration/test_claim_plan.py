@@ -81,7 +81,7 @@ async def test_outcomes_are_written_by_primary_key_even_with_stale_statistics(
     ids = list(range(1000, 1400))
     plan = await explain(database_url, [(RUNNING_SQL,)], FINISHER_SETTINGS, sql.queries()["task_finish_many"].text,
                          "p", ids, [1] * 400, ["completed"] * 400, ["{}"] * 400, [None] * 400, [0.0] * 400,
-                         [False] * 400)
+                         [False] * 400, [False] * 400)
     scans = [n for n in nodes(plan) if n.get("Relation Name") == "tasks" and "Scan" in n["Node Type"]]
     assert [(n["Node Type"], n.get("Index Name")) for n in scans] == [("Index Scan", "tasks_pkey")], scans
     assert scans[0]["Actual Rows"] == 1 and scans[0]["Actual Loops"] == 400

@@ -403,3 +403,14 @@ async def test_a_scheduled_task_is_reported_scheduled_and_claimed_only_once_due(
     assert [t.id for t in await store.claim(5, ["echo"], 30)] == [later]
     task = await store.get(later)
     assert task and task.status == TaskStatus.RUNNING
+
+
+async def test_a_snooze_is_counted_apart_and_spends_no_retry(store: Store) -> None:
+    (task_id,) = await store.submit_many([new(max_retries=0)])
+    (first,) = await store.claim(1, ["echo"], 30)
+    written = await store._finish_batch([Outcome(task_id, 1, TaskStatus.RETRYING, retry_delay=0.0, snoozed=True)])
+    assert written == [True]
+    (again,) = await store.claim(1, ["echo"], 30)
+    assert (again.attempt, again.snoozes, again.retries_used) == (2, 1, 0), "still its one attempt's worth"
+    task = await store.get(task_id)
+    assert task and task.errors == [], "a snooze is not an error"

@@ -36,7 +36,8 @@ class FakeStore:
         task_id = len(self.tasks) + 1
         self.tasks[task_id] = {"id": task_id, "task_type": task_type, "payload": payload, "status": "pending",
                                "attempts": 0, "max_retries": max_retries, "timeout": timeout,
-                               "result": None, "errors": [], "run_at": 0.0, "crashes": 0, "priority": priority}
+                               "result": None, "errors": [], "run_at": 0.0, "crashes": 0, "priority": priority,
+                               "snoozes": 0}
         self._new_work.set()
         return task_id
 
@@ -84,7 +85,7 @@ class FakeStore:
                 row["attempts"] += 1
                 payload_json = row.get("payload_json") or json.dumps(row["payload"])
                 claimed.append(ClaimedTask(row["id"], row["task_type"], payload_json, row["attempts"],
-                                           row["max_retries"], row["timeout"], row["crashes"]))
+                                           row["max_retries"], row["timeout"], row["crashes"], row["snoozes"]))
         return claimed
 
     async def seconds_until_due(self, task_types: Sequence[str], skip: Sequence[int] = ()) -> float | None:
@@ -126,6 +127,7 @@ class FakeStore:
             row["errors"].append(jsontext.loads(outcome.error_json))
         if outcome.status == TaskStatus.RETRYING:
             row["run_at"] = trio.current_time() + outcome.retry_delay
+        row["snoozes"] += outcome.snoozed
         if all(r["status"] in ("completed", "failed") for r in self.tasks.values()):
             self.finished_event.set()
         return True

@@ -468,3 +468,44 @@ async def test_this_process_own_rescue_leaves_alone_what_it_still_answers_for(au
         assert len(store.held_outcomes) == 1
         assert pool.handing_back() == [writing, running], "with the writer, and still running"
         nursery.cancel_scope.cancel()
+
+
+async def test_fail_ends_the_task_at_once_and_retry_snoozes_without_spending_a_retry(
+        autojump_clock: trio.abc.Clock) -> None:
+    import taskd
+
+    registry = Registry()
+    runs: list[tuple[int, float]] = []
+
+    @registry.task("give_up")
+    async def give_up(payload: Any, ctx: TaskContext) -> None:
+        raise taskd.Fail("bad input: no such user")
+
+    @registry.task("poll")
+    async def poll(payload: Any, ctx: TaskContext) -> str:
+        runs.append((ctx.attempt, trio.current_time()))
+        if ctx.attempt <= 4:
+            raise taskd.Retry(after=30)
+        return "ready"
+
+    store = FakeStore()
+    failed = store.add("give_up", {}, max_retries=5)
+    snoozing = store.add("poll", {}, max_retries=0)  # four snoozes, and no retry to spend
+    await _drain(store, registry)
+    assert (store.tasks[failed]["status"], store.tasks[failed]["attempts"]) == ("failed", 1)
+    assert store.tasks[failed]["errors"][0]["type"] == "Fail"
+    row = store.tasks[snoozing]
+    assert (row["status"], row["result"], row["attempts"], row["snoozes"], row["errors"]) == (
+        "completed", "ready", 5, 4, [])
+    gaps = [later - earlier for (_, earlier), (_, later) in zip(runs, runs[1:], strict=False)]
+    assert all(30 <= gap < 33 for gap in gaps), gaps
+
+
+def test_retry_takes_a_bounded_delay() -> None:
+    import pytest
+
+    import taskd
+
+    for bad in (-1, 31_536_001, True, "soon"):
+        with pytest.raises(ValueError):
+            taskd.Retry(after=bad)  # type: ignore[arg-type]

@@ -71,3 +71,20 @@ async def test_a_timeout_kills_what_the_handler_started_too(tmp_path: pathlib.Pa
     with trio.fail_after(2):
         while _alive(grandchild):  # noqa: ASYNC110  (another process's state)
             await trio.sleep(0.05)
+
+
+async def test_fail_and_retry_keep_their_meaning_in_quarantine() -> None:
+    import taskd
+
+    try:
+        await run_quarantined(_task("control", '{"do": "fail"}'), MODULES)
+    except QuarantinedFailure as exc:
+        assert exc.final and exc.described["type"] == "Fail"
+    else:
+        raise AssertionError("the handler raised Fail")
+    try:
+        await run_quarantined(_task("control", '{"do": "retry"}'), MODULES)
+    except taskd.Retry as snooze:
+        assert snooze.after == 12
+    else:
+        raise AssertionError("the handler raised Retry")
