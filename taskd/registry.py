@@ -64,6 +64,8 @@ class Handler:
     timeout: float | None = None
     max_retries: int | None = None
     priority: int | None = None
+    # Checks a payload at submit time; raises ValueError with what is wrong.
+    validate: Callable[[Any], None] | None = None
 
 
 def _is_priority(value: object) -> bool:
@@ -78,7 +80,7 @@ class Registry:
 
     def register(
         self, name: str, fn: Callable[..., Any], *, timeout: float | None = None, max_retries: int | None = None,
-        priority: int | None = None,
+        priority: int | None = None, validate: Callable[[Any], None] | None = None,
     ) -> Handler:
         if not name or not isinstance(name, str):
             raise ValueError("a task type needs a non-empty name")
@@ -92,19 +94,21 @@ class Registry:
         existing = self._handlers.get(name)
         if existing is not None and existing.fn is not fn:
             raise ValueError(f"task type {name!r} is already registered to {existing.fn.__qualname__}")
-        handler = Handler(name, fn, inspect.iscoroutinefunction(fn), timeout, max_retries, priority)
+        handler = Handler(name, fn, inspect.iscoroutinefunction(fn), timeout, max_retries, priority, validate)
         self._handlers[name] = handler
         return handler
 
     def task(
         self, name: str | None = None, *, timeout: float | None = None, max_retries: int | None = None,
-        priority: int | None = None,
+        priority: int | None = None, validate: Callable[[Any], None] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register the function as the handler of task type `name` (default: its name);
-        its limits and priority are the defaults a submitted task may override."""
+        its limits and priority are the defaults a submitted task may override, and `validate(payload)`
+        (raising ValueError) refuses a bad payload at submit time with a 422."""
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self.register(name or fn.__name__, fn, timeout=timeout, max_retries=max_retries, priority=priority)
+            self.register(name or fn.__name__, fn, timeout=timeout, max_retries=max_retries, priority=priority,
+                          validate=validate)
             return fn
 
         return decorate
@@ -165,6 +169,11 @@ class Registry:
             payload_json = jsontext.dumps(payload)
         except jsontext.NotJsonError as exc:
             raise InvalidTask(f"payload cannot be stored as JSON: {exc}", field="payload") from None
+        if handler.validate is not None:
+            try:
+                handler.validate(payload)
+            except ValueError as exc:
+                raise InvalidTask(f"payload does not fit {task_type}: {exc}", field="payload") from None
         if max_retries is None:
             max_retries = handler.max_retries if handler.max_retries is not None else settings.max_retries
         if timeout_seconds is None:

@@ -6,6 +6,7 @@ import trio
 
 from taskd import builtin_tasks, jsontext
 from taskd.config import Settings
+from taskd.control import Fail
 from taskd.errors import InvalidTask
 from taskd.registry import Registry, TaskContext, default_registry
 
@@ -72,7 +73,7 @@ def test_data_processing_counts_and_hashes() -> None:
     assert out == {"characters": 15, "words": 3, "lines": 2, "upper": "HELLO WORLD\nFOO",
                    "sha256": "e607eb8eb0e2262aebaf46f2ea1b98f718e8fa7ed9c61472f05027fc1ac42439"}
     assert builtin_tasks.data_processing({"data": ["a b", "c"]}, ctx())["lines"] == 2
-    with pytest.raises(builtin_tasks.BadPayload):
+    with pytest.raises(Fail):  # a row another producer wrote: failed at once, no retries
         builtin_tasks.data_processing({"data": 5}, ctx())
 
 
@@ -81,8 +82,17 @@ async def test_sleep_validates_and_sleeps(autojump_clock: trio.abc.Clock) -> Non
     assert await builtin_tasks.sleep({"seconds": 2.5}, ctx()) == {"slept": 2.5}
     assert trio.current_time() - start == pytest.approx(2.5)
     for bad in ({"seconds": 3601}, {"seconds": -1}, {"seconds": "1"}, {"seconds": True}):
-        with pytest.raises(builtin_tasks.BadPayload):
+        with pytest.raises(Fail):
             await builtin_tasks.sleep(bad, ctx())
+
+
+def test_built_ins_refuse_a_bad_payload_at_submit_time() -> None:
+    for task_type, payload in [("sleep", {"seconds": -1}), ("sleep", {"seconds": "1"}),
+                               ("data_processing", {"data": 5}), ("data_processing", {})]:
+        with pytest.raises(InvalidTask) as refused:
+            default_registry.new_task(Settings(), task_type, payload)
+        assert refused.value.field == "payload" and task_type in refused.value.message
+    assert default_registry.new_task(Settings(), "sleep", {"seconds": 0.5}).task_type == "sleep"
 
 
 async def test_echo_returns_payload() -> None:
