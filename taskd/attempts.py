@@ -3,8 +3,8 @@
 An attempt is (task id, attempt number): this process's claim on one run of one
 task, from the claim until its outcome is written. Its record holds everything
 that belongs to that run and nothing keyed by task id alone: the cancel scope,
-the local lease deadline, whether it was deleted or lost its lease, whether its
-outcome was handed over.
+the local lease deadline, whether it was deleted or lost its lease, and whether its
+handler ignores cancellation.
 
 `run_handler` is the wall: whatever the handler does, returns or raises (exception
 groups, BaseExceptions, exceptions whose __str__ raises), and whatever the row
@@ -36,8 +36,8 @@ QUARANTINE_AFTER_CRASHES = 2
 class Attempt:
     """This process's claim on one attempt of one task."""
 
-    __slots__ = ("task", "lease_deadline", "timeout_deadline", "scope", "deleted", "lease_lost", "handed_over",
-                 "cancelled_at", "abandoned")
+    __slots__ = ("task", "lease_deadline", "timeout_deadline", "scope", "deleted", "lease_lost", "cancelled_at",
+                 "abandoned")
 
     def __init__(self, task: ClaimedTask, lease_deadline: float) -> None:
         self.task = task
@@ -48,7 +48,6 @@ class Attempt:
         self.scope: trio.CancelScope | None = None
         self.deleted = False
         self.lease_lost = False
-        self.handed_over = False  # its outcome is with the writer, not yet written
         self.cancelled_at: float | None = None  # first seen cancelled yet still running (heartbeat's view)
         self.abandoned = False  # its handler ignores cancellation; its lease is left to run out
 
@@ -78,14 +77,13 @@ class Attempt:
 
 
 class HandlerEnded:
-    """How the handler's run ended: a result (JSON text) or an error, and whether its deadline fired."""
+    """How the handler's run ended: a result (JSON text) or an error (its timeout included), or cut off."""
 
-    __slots__ = ("result_json", "error", "timed_out", "lease_ran_out", "no_thread")
+    __slots__ = ("result_json", "error", "lease_ran_out", "no_thread")
 
     def __init__(self) -> None:
         self.result_json: str | None = None
         self.error: BaseException | None = None
-        self.timed_out = False
         self.lease_ran_out = False
         self.no_thread = False  # no thread came free within the task's timeout: not run at all
 
@@ -229,7 +227,6 @@ async def run_handler(attempt: Attempt, handler: Handler, threads: ThreadTracker
         if not timed_out:
             ended.lease_ran_out = True
         else:
-            ended.timed_out = True
             ended.error = _timeout_error(task, ended.error)
             ended.result_json = None
     return ended

@@ -17,6 +17,7 @@ from typing import Any
 
 from taskd import jsontext
 from taskd.config import Settings
+from taskd.control import MAX_DELAY_SECONDS
 from taskd.errors import InvalidTask
 from taskd.models import NewTask
 
@@ -24,7 +25,6 @@ MAX_TIMEOUT = 7 * 86_400.0
 MAX_RETRIES_LIMIT = 1000
 MAX_TYPE_CHARS = 200
 PRIORITY_RANGE = (-100, 100)
-MAX_DELAY_SECONDS = 31_536_000  # a year
 
 
 class TaskContext:

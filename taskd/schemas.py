@@ -1,5 +1,5 @@
 """The HTTP API's request and response shapes (pydantic), for validation and the
-OpenAPI document. Imports nothing from taskd but taskd.models.
+OpenAPI document. Imports nothing from taskd but taskd.models and taskd.control.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from taskd.control import MAX_DELAY_SECONDS
 from taskd.models import TaskStatus
 
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
@@ -31,7 +32,7 @@ class TaskIn(BaseModel):
                                  "submission order (default: the handler's, else 0)")
     run_at: AwareDatetime | None = Field(None, description="run no earlier than this time (RFC 3339 with an offset); "
                                          "until then the task is reported as scheduled")
-    delay_seconds: float | None = Field(None, ge=0, le=31_536_000, description="run no earlier than this many "
+    delay_seconds: float | None = Field(None, ge=0, le=MAX_DELAY_SECONDS, description="run no earlier than this many "
                                         "seconds from now (instead of run_at)")
 
     @field_validator("run_at", mode="before")

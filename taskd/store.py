@@ -6,7 +6,8 @@ multi-row INSERT, outcomes of many attempts into one fenced UPDATE, and one
 claim statement fetches work for every free worker slot. LISTEN/NOTIFY wakes
 idle claimers and cancels deleted running tasks in whichever process runs them.
 
-Imports taskd.db, taskd.sql, taskd.migrations, taskd.models, taskd.errors, taskd.jsontext.
+Imports taskd.db, taskd.connections (the connections it runs queries on), taskd.rows
+(rows as models), taskd.sql, taskd.migrations, taskd.models, taskd.errors, taskd.jsontext.
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ import logging
 import math
 import os
 import socket
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
 
 from taskd import db, jsontext, sql
 from taskd.coalescer import Coalescer
+from taskd.connections import Dedicated, TrackedPool
 from taskd.errors import DatabaseError, DatabaseUnavailable, SqlFileError
 from taskd.migrations import apply_migrations
 from taskd.models import ClaimedTask, NewTask, Outcome, Task, TaskPage, TaskStatus, TaskSummary, attempt_error
 from taskd.outage import OutageLog
+from taskd.rows import summary_from_row, task_from_row
 
 log = logging.getLogger("taskd.store")
 
@@ -77,123 +79,6 @@ def new_process_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
-class _Dedicated:
-    """A connection owned by one loop; a connection that failed is dropped, and the
-    next call opens a new one."""
-
-    def __init__(self, url: str, role: str, outage: OutageLog, server_settings: dict[str, str] | None = None) -> None:
-        self._url = url
-        self.role = role
-        self._outage = outage
-        self._server_settings = server_settings
-        self._conn: db.Connection | None = None
-
-    async def get(self) -> db.Connection:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = None
-            try:
-                self._conn = await db.connect(self._url, server_settings=self._server_settings)
-            except DatabaseUnavailable as exc:
-                self._outage.failed(self.role, exc)
-                raise
-        return self._conn
-
-    async def run(self, query: sql.Query, *args: Any) -> Any:
-        conn = await self.get()
-        try:
-            result = await conn.run(query, *args)
-        except DatabaseUnavailable as exc:
-            self._outage.failed(self.role, exc)
-            await self.close()
-            raise
-        except BaseException:
-            # Cancelled mid-statement, or refused: a connection whose state is not
-            # known to be clean is never reused.
-            if conn.is_closed() or not _is_refusal(sys.exc_info()[1]):
-                await self.close()
-            raise
-        self._outage.succeeded()
-        return result
-
-    def is_lost(self) -> bool:
-        """Was this connection open and then lost?"""
-        return self._conn is None or self._conn.is_closed()
-
-    async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
-
-
-def _is_refusal(exc: BaseException | None) -> bool:
-    """A statement the server refused leaves its connection usable."""
-    return isinstance(exc, DatabaseError) and not isinstance(exc, DatabaseUnavailable)
-
-
-class _TrackedPool:
-    """The shared pool, reporting outages like the dedicated connections do."""
-
-    def __init__(self, pool: db.Pool, outage: OutageLog) -> None:
-        self._pool = pool
-        self._outage = outage
-
-    async def run(self, query: sql.Query, *args: Any) -> Any:
-        try:
-            result = await self._pool.run(query, *args)
-        except DatabaseUnavailable as exc:
-            self._outage.failed("pool", exc)
-            raise
-        self._outage.succeeded()
-        return result
-
-    def usage(self) -> dict[str, int]:
-        return self._pool.usage()
-
-    async def close(self) -> None:
-        await self._pool.close()
-
-
-def _task_from_row(row: Mapping[str, Any]) -> Task:
-    # The jsonb columns stay text: the API passes them through undecoded.
-    return Task(
-        id=row["id"],
-        task_type=row["task_type"],
-        status=TaskStatus(row["status"]),
-        payload_json=row["payload"],
-        result_json=row["result"],
-        attempts=row["attempts"],
-        max_retries=row["max_retries"],
-        crashes=row["crashes"],
-        timeout_seconds=row["timeout_seconds"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        last_error_json=row["last_error"],
-        errors_json=row["errors"],
-        priority=row["priority"],
-        run_at=row["run_at"],
-    )
-
-
-def _summary_from_row(row: Mapping[str, Any]) -> TaskSummary:
-    return TaskSummary(
-        id=row["id"],
-        task_type=row["task_type"],
-        status=TaskStatus(row["status"]),
-        attempts=row["attempts"],
-        max_retries=row["max_retries"],
-        crashes=row["crashes"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        has_error=row["has_error"],
-        error_type=row["error_type"],
-        error_message=row["error_message"],
-        priority=row["priority"],
-        run_at=row["run_at"],
-    )
-
-
 class Store:
     """Every SQL statement taskd runs, one method per named query."""
 
@@ -201,14 +86,14 @@ class Store:
         self.url = url
         self.process_id = process_id
         self.outage = OutageLog()
-        self._pool = _TrackedPool(pool, self.outage)
+        self._pool = TrackedPool(pool, self.outage)
         self._q = sql.queries()
-        self._inserter = _Dedicated(url, "inserter", self.outage)
-        self._claimer = _Dedicated(url, "claimer", self.outage, CLAIMER_SETTINGS)
-        self._finisher = _Dedicated(url, "outcome writer", self.outage, FINISHER_SETTINGS)
+        self._inserter = Dedicated(url, "inserter", self.outage)
+        self._claimer = Dedicated(url, "claimer", self.outage, CLAIMER_SETTINGS)
+        self._finisher = Dedicated(url, "outcome writer", self.outage, FINISHER_SETTINGS)
         # Its own connection, so HTTP reads filling the pool cannot make leases lapse.
-        self._heartbeat = _Dedicated(url, "heartbeat", self.outage, FINISHER_SETTINGS)
-        self._listener = _Dedicated(url, "listener", self.outage)
+        self._heartbeat = Dedicated(url, "heartbeat", self.outage, FINISHER_SETTINGS)
+        self._listener = Dedicated(url, "listener", self.outage)
         self._new_work = trio.Event()
         self._cancel_callbacks: list[Callable[[int], None]] = []
         self._written_callbacks: list[Callable[[Sequence[Outcome], set[tuple[int, int]]], None]] = []
@@ -487,14 +372,14 @@ class Store:
 
     async def get(self, task_id: int) -> Task | None:
         row = await self._pool.run(self._q["task_get"], task_id)
-        return None if row is None else _task_from_row(row)
+        return None if row is None else task_from_row(row)
 
     async def list_summaries(
         self, *, status: str | None, task_type: str | None, before_id: int | None, limit: int
     ) -> list[TaskSummary]:
         """Up to `limit` task summaries, newest first; payloads, results and error histories are not read."""
         rows = await self._pool.run(self._q["task_list"], status, task_type, before_id, limit)
-        return [_summary_from_row(row) for row in rows]
+        return [summary_from_row(row) for row in rows]
 
     async def list_tasks(
         self, *, status: str | None, task_type: str | None, before_id: int | None, limit: int,
@@ -514,7 +399,7 @@ class Store:
             chosen.append(row["id"])
         more = len(chosen) < len(sizes) or len(sizes) == limit
         rows = await self._pool.run(self._q["task_list_full"], chosen) if chosen else []
-        return TaskPage([_task_from_row(row) for row in rows], chosen[-1] if more else None)
+        return TaskPage([task_from_row(row) for row in rows], chosen[-1] if more else None)
 
     async def delete(self, task_id: int) -> TaskStatus | None:
         """Delete a task; returns the status it had, None if there was none."""

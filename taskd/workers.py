@@ -291,7 +291,6 @@ class WorkerPool:
                 outcome = Outcome(task.id, task.attempt, TaskStatus.FAILED, error_json=jsontext.dumps(attempt_error(
                     "OutcomeNotDescribed", failures.error_type(exc), task.attempt)))
         self._log_outcome(attempt, outcome)
-        attempt.handed_over = True
         # Handed over, not awaited: the Store writes outcomes in batches, and calls
         # back once written; until then the heartbeat keeps renewing the lease.
         await self.store.record(outcome)
