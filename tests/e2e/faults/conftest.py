@@ -294,7 +294,9 @@ class Recording:
         self.unpaired: list[str] = []
         open_runs: dict[str, Execution] = {}
         text = path.read_text() if path.exists() else ""
-        for line in text.splitlines():
+        # A reader racing a writer can see the first bytes of a line being appended (a read is
+        # not atomic against a write): only lines already ended by their newline count.
+        for line in text.split("\n")[:-1]:
             kind, task_id, attempt, pid, at, token = line.split()
             if kind == "start":
                 run = Execution(int(task_id), int(attempt), int(pid), token, float(at))
