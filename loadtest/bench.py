@@ -4,11 +4,15 @@
     python -m loadtest.bench submit drain -n 5000    # some of them
     python -m loadtest.bench submit --url http://127.0.0.1:8000 --json
 
-What each scenario measures is in loadtest/scenarios.py. Unless --url is given, the bench
+What each scenario measures is in loadtest/scenarios.py (priority and scheduled: in
+loadtest/ordering.py; neither is in the default set). Unless --url is given, the bench
 starts `python -m taskd` itself for every scenario, on a free port, with a freshly created
 database (--database-url, default taskd_bench on the local PostgreSQL, dropped at the end),
 and stops it with SIGTERM. Ratios compare scenarios run in the same invocation only, since
 this machine's speed varies from run to run. Progress goes to stderr.
+
+    python -m loadtest.bench priority -n 5000 --json
+    python -m loadtest.bench scheduled --scheduled-tasks 200 --duration 10 --json
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from loadtest import scenarios, servers
+from loadtest import ordering, scenarios, servers
 from loadtest.report import git_revision, machine, progress, versions
 from loadtest.scenarios import Bench, Skip
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1/taskd_bench"
-ORDER = ("bare", "submit", "batch", "drain", "latency", "history", "pgqueuer", "memory")
+ORDER = ("bare", "submit", "batch", "drain", "latency", "history", "pgqueuer", "memory", "priority",
+         "scheduled")
 DEFAULT = ("bare", "submit", "batch", "drain", "latency", "history", "pgqueuer")  # memory takes minutes
 # name of the ratio -> (scenario, figure) over (reference scenario, figure)
 RATIOS = {
@@ -57,18 +62,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("-n", type=int, default=20_000, help="tasks per scenario (default 20,000)")
     add("-c", type=int, default=50, help="client connections (default 50)")
     add("--rate", default="100,500", help="latency: tasks/s, comma-separated (default 100,500)")
-    add("--duration", type=float, default=10.0, help="latency: seconds per rate (default 10)")
+    add("--duration", type=float, default=10.0,
+        help="latency: seconds per rate; scheduled: the seconds the due times spread over (default 10)")
     add("--history-rows", type=int, default=1_000_000, help="history: finished rows (default 1,000,000)")
     add("--http-workers", default="1", help="submit: HTTP processes, comma-separated (default 1), e.g. 1,2")
     add("--memory-tasks", type=int, default=1_000_000, help="memory: tasks (default 1,000,000)")
+    add("--scheduled-tasks", type=int, default=200, help="scheduled: tasks (default 200)")
+    add("--taskd-source", type=pathlib.Path, metavar="DIR",
+        help="run `python -m taskd` from this source tree instead of this checkout (loadtest.compare)")
     add("--ports", metavar="LO-HI", help="ports the bench's own servers may use (default: any free one)")
     add("--json", action="store_true", help="print one JSON object on stdout (the table goes to stderr)")
     args = parser.parse_args(argv)
     unknown = [s for s in args.scenarios if s not in ORDER]
     if unknown:
         parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(ORDER)}")
-    if args.n < 1 or args.c < 1:
-        parser.error("-n and -c must be at least 1")
+    if args.n < 1 or args.c < 1 or args.scheduled_tasks < 1:
+        parser.error("-n, -c and --scheduled-tasks must be at least 1")
+    if args.duration <= 0:
+        parser.error("--duration must be more than 0")
+    if args.taskd_source is not None and not (args.taskd_source / "taskd" / "__main__.py").is_file():
+        parser.error(f"--taskd-source {args.taskd_source}: no taskd/__main__.py there")
     try:
         args.rate = [float(r) for r in args.rate.split(",") if r.strip()]
     except ValueError:
@@ -100,7 +113,8 @@ def plan(args: argparse.Namespace, bench: Bench) -> list[tuple[str, Run]]:
             runs += [("submit" if w == 1 else f"submit_hw{w}", functools.partial(scenarios.submit, bench, w))
                      for w in args.http_workers]
         else:
-            runs.append((name, functools.partial(getattr(scenarios, name), bench)))
+            module = ordering if name in ("priority", "scheduled") else scenarios
+            runs.append((name, functools.partial(getattr(module, name), bench)))
     return runs
 
 
@@ -108,7 +122,8 @@ async def run(args: argparse.Namespace, logs: pathlib.Path) -> dict[str, Any]:
     bench = Bench(n=args.n, c=args.c, duration=args.duration, history_rows=args.history_rows,
                   database_url=args.database_url or DEFAULT_DATABASE_URL, logs=logs, url=args.url,
                   live_sql=bool(args.url and args.database_url), ports=args.ports,
-                  memory_tasks=args.memory_tasks)
+                  memory_tasks=args.memory_tasks, scheduled_tasks=args.scheduled_tasks,
+                  source=args.taskd_source.resolve() if args.taskd_source else None)
     if args.url is None:
         servers.database_name(bench.database_url)  # fail now on a name we could not drop
     results: dict[str, Any] = {}
@@ -131,7 +146,9 @@ async def run(args: argparse.Namespace, logs: pathlib.Path) -> dict[str, Any]:
         "scenarios": results,
         "ratios": ratios(results),
         "params": {"n": args.n, "c": args.c, "rate": args.rate, "duration_s": args.duration,
-                   "history_rows": args.history_rows, "url": args.url or "started by the bench"},
+                   "history_rows": args.history_rows, "scheduled_tasks": args.scheduled_tasks,
+                   "url": args.url or "started by the bench",
+                   "taskd_source": str(args.taskd_source or "this checkout")},
         "machine": machine(),
         "versions": versions(),
         "git_revision": git_revision(),
@@ -183,6 +200,15 @@ def table_rows(key: str, fig: dict[str, Any]) -> list[tuple[str, str, Any, Any, 
         return [(key, f"tasks/s ({fig['tasks']:,} tasks in batches)", fig["tasks_per_s"], None, None),
                 (key, "RSS MB at 100,000 / peak after / end",
                  f"{fig['rss_at_100k_mb']} / {fig['rss_peak_after_100k_mb']} / {fig['rss_end_mb']}", None, None)]
+    if key == "priority":
+        return [(key, f"started out of priority order ({fig['tasks']:,} tasks, {fig['claims']:,} claims)",
+                 fig["out_of_priority_order"], None, None),
+                (key, "started out of submission order within a priority", fig["out_of_submission_order"],
+                 None, None)]
+    if key == "scheduled":
+        late = fig["lateness_ms"]
+        return [(key, f"lateness ({fig['tasks']} tasks over {fig['window_s']:g}s): max ms, early",
+                 f"{late['max']} / {fig['early']}", late["p99"], late["p50"])]
     return [(key, "?", None, None, None)]
 
 

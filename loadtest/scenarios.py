@@ -12,6 +12,7 @@
               batch size 50, in this process
     memory    1,000,000 tasks (--memory-tasks) through one server in batches of 1,000: its RSS
               once 100,000 have completed, its peak after that, and at the end (flat = no leak)
+    priority, scheduled: in loadtest.ordering (start order and start time)
     submit with --http-workers 1,2,...: the submit scenario once per process count
 
 Against a server the bench starts, every scenario gets a freshly created database. Only
@@ -62,6 +63,8 @@ class Bench:
     live_sql: bool = False  # database_url is that running server's database
     ports: range | None = None  # where our servers may listen (None: any free port)
     memory_tasks: int = 1_000_000
+    scheduled_tasks: int = 200
+    source: pathlib.Path | None = None  # run taskd from this source tree (loadtest.compare)
 
     @property
     def sql(self) -> bool:
@@ -76,7 +79,8 @@ async def taskd_under_test(bench: Bench, figures: dict[str, Any], extra: Sequenc
         yield bench.url
         return
     await servers.recreate_database(bench.database_url)
-    async with servers.taskd(bench.database_url, bench.logs, ports=bench.ports, extra=extra) as server:
+    async with servers.taskd(bench.database_url, bench.logs, ports=bench.ports, extra=extra,
+                             source=bench.source) as server:
         yield server.url
     figures["server_rss_peak_mb"] = server.rss_peak_mb
     figures["server_log_problems"] = server.log_problems()
@@ -240,7 +244,7 @@ async def _drain(bench: Bench, history_rows: int) -> dict[str, Any]:
         raise Skip("against --url it needs --database-url of that server's database")
     if bench.url is None:
         await servers.recreate_database(bench.database_url)
-        await servers.migrate(bench.database_url, bench.logs, bench.ports)
+        await servers.migrate(bench.database_url, bench.logs, bench.ports, bench.source)
     conn = await asyncpg.connect(bench.database_url)
     try:
         if history_rows:
@@ -251,7 +255,8 @@ async def _drain(bench: Bench, history_rows: int) -> dict[str, Any]:
         ids = range(lo, hi + 1)
         # Fresh statistics, as a table that has been in use has; both drains get the same treatment.
         await conn.execute("VACUUM ANALYZE taskd.tasks")
-        own = servers.taskd(bench.database_url, bench.logs, ports=bench.ports) if bench.url is None else None
+        own = (servers.taskd(bench.database_url, bench.logs, ports=bench.ports, source=bench.source)
+               if bench.url is None else None)
         async with own or contextlib.nullcontext() as server:
             url = server.url if server is not None else bench.url
             assert url is not None
@@ -364,7 +369,7 @@ async def memory(bench: Bench) -> dict[str, Any]:
     total = bench.memory_tasks
     figures: dict[str, Any] = {"tasks": total}
     await servers.recreate_database(bench.database_url)
-    async with servers.taskd(bench.database_url, bench.logs, ports=bench.ports) as server:
+    async with servers.taskd(bench.database_url, bench.logs, ports=bench.ports, source=bench.source) as server:
         conn = await asyncpg.connect(bench.database_url)
         try:
             def make(i: int) -> rawhttp.Request:

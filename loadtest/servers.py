@@ -2,7 +2,8 @@
 
 A server is `python -m taskd` (or loadtest.bare_app) as a child process on a free port,
 its output in a log file, its resident memory sampled while it runs; SIGTERM stops it,
-as an operator would.
+as an operator would. A `source` tree (loadtest.compare's other revision) runs taskd from
+that checkout instead of this one.
 """
 
 from __future__ import annotations
@@ -91,10 +92,10 @@ class Server:
 
 @contextlib.asynccontextmanager
 async def running(name: str, argv: Sequence[str], logs: pathlib.Path, port: int,
-                  env: dict[str, str] | None = None) -> AsyncIterator[Server]:
-    """Run `python <argv>` until the block ends; ready once GET /health answers 200."""
+                  env: dict[str, str] | None = None, cwd: pathlib.Path = REPO) -> AsyncIterator[Server]:
+    """Run `python <argv>` in cwd until the block ends; ready once GET /health answers 200."""
     log_path = logs / f"{next(_started):02d}-{name}-{port}.log"
-    server = Server(name, _spawn(argv, log_path, env), f"http://127.0.0.1:{port}", log_path,
+    server = Server(name, _spawn(argv, log_path, env, cwd), f"http://127.0.0.1:{port}", log_path,
                     started_at=time.perf_counter())
     sampler = asyncio.create_task(server.sample_rss())
     try:
@@ -105,10 +106,10 @@ async def running(name: str, argv: Sequence[str], logs: pathlib.Path, port: int,
         await stop(server)
 
 
-def _spawn(argv: Sequence[str], log_path: pathlib.Path,
-           env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+def _spawn(argv: Sequence[str], log_path: pathlib.Path, env: dict[str, str] | None,
+           cwd: pathlib.Path) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
 
 
@@ -139,11 +140,19 @@ async def stop(server: Server) -> None:
 
 
 def taskd(database_url: str, logs: pathlib.Path, *, workers: int = 50, extra: Sequence[str] = (),
-          ports: range | None = None) -> contextlib.AbstractAsyncContextManager[Server]:
+          ports: range | None = None, source: pathlib.Path | None = None,
+          ) -> contextlib.AbstractAsyncContextManager[Server]:
     port = free_port(ports)
     argv = ["-m", "taskd", "--port", str(port), "--workers", str(workers), *extra]
     # WARNING: INFO logs a line per retried task, which would cost the server CPU we are measuring.
-    return running("taskd", argv, logs, port, {"DATABASE_URL": database_url, "LOG_LEVEL": "WARNING"})
+    env = {"DATABASE_URL": database_url, "LOG_LEVEL": "WARNING"}
+    if source is None:
+        return running("taskd", argv, logs, port, env)
+    # `-m` puts the working directory first on sys.path, ahead of the venv's editable install
+    # of this checkout (its finder is appended to sys.meta_path, so it is asked last); the
+    # PYTHONPATH entry covers anything the server spawns with another working directory.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))
+    return running("taskd", argv, logs, port, env, cwd=source)
 
 
 def bare(logs: pathlib.Path, ports: range | None = None) -> contextlib.AbstractAsyncContextManager[Server]:
@@ -185,7 +194,8 @@ async def drop_database(url: str) -> None:
         await admin.close()
 
 
-async def migrate(database_url: str, logs: pathlib.Path, ports: range | None = None) -> None:
+async def migrate(database_url: str, logs: pathlib.Path, ports: range | None = None,
+                  source: pathlib.Path | None = None) -> None:
     """Create taskd's schema the way taskd does it: start it once with no workers, then stop it."""
-    async with taskd(database_url, logs, workers=0, ports=ports):
+    async with taskd(database_url, logs, workers=0, ports=ports, source=source):
         pass
