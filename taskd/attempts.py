@@ -3,7 +3,8 @@
 An attempt is (task id, attempt number): this process's claim on one run of one
 task, from the claim until its outcome is written. Its record holds everything
 that belongs to that run and nothing keyed by task id alone: the cancel scope,
-the local lease deadline, whether it was deleted or lost its lease, and whether its
+the local lease deadline, whether it was cancelled (deleted, or cancelled on request) or
+lost its lease, its handler's context (progress, cancelled()), and whether its
 handler ignores cancellation.
 
 `run_handler` is the wall: whatever the handler does, returns or raises (exception
@@ -36,8 +37,8 @@ QUARANTINE_AFTER_CRASHES = 2
 class Attempt:
     """This process's claim on one attempt of one task."""
 
-    __slots__ = ("task", "lease_deadline", "timeout_deadline", "scope", "deleted", "lease_lost", "cancelled_at",
-                 "abandoned")
+    __slots__ = ("task", "lease_deadline", "timeout_deadline", "scope", "cancelled", "lease_lost", "cancelled_at",
+                 "abandoned", "ctx", "progress_written")
 
     def __init__(self, task: ClaimedTask, lease_deadline: float) -> None:
         self.task = task
@@ -46,7 +47,9 @@ class Attempt:
         self.lease_deadline = lease_deadline
         self.timeout_deadline = math.inf
         self.scope: trio.CancelScope | None = None
-        self.deleted = False
+        self.cancelled = False  # deleted, or cancelled on request: stop it, and it ends cancelled
+        self.ctx: TaskContext | None = None
+        self.progress_written: str | None = None  # the handler's progress as last stored
         self.lease_lost = False
         self.cancelled_at: float | None = None  # first seen cancelled yet still running (heartbeat's view)
         self.abandoned = False  # its handler ignores cancellation; its lease is left to run out
@@ -68,12 +71,19 @@ class Attempt:
         if self.scope is not None:
             self.scope.deadline = min(self.timeout_deadline, deadline)
 
-    def stop(self, *, deleted: bool = False, lease_lost: bool = False) -> None:
-        """Cancel the attempt: the task was deleted, or this process may no longer own it."""
-        self.deleted |= deleted
+    def stop(self, *, cancelled: bool = False, lease_lost: bool = False) -> None:
+        """Cancel the attempt: the task was deleted or cancelled, or this process may no longer own it."""
+        self.cancelled |= cancelled
         self.lease_lost |= lease_lost
+        if cancelled and self.ctx is not None:
+            self.ctx.mark_cancelled()  # a plain-def handler's thread cannot be interrupted: it can ask
         if self.scope is not None:
             self.scope.cancel()
+
+    def progress_to_write(self) -> str | None:
+        """The handler's latest progress, if not stored yet."""
+        latest = None if self.ctx is None else self.ctx.latest_progress()
+        return None if latest is None or latest is self.progress_written else latest
 
 
 class HandlerEnded:
@@ -203,6 +213,9 @@ async def run_handler(attempt: Attempt, handler: Handler, threads: ThreadTracker
                     ended.result_json = await run_quarantined(task, task_modules)
                 else:
                     ctx = TaskContext(task.id, task.task_type, task.attempt, task.max_retries)
+                    attempt.ctx = ctx
+                    if attempt.cancelled:
+                        ctx.mark_cancelled()
                     if reserved is None:
                         result = await handler.fn(payload, ctx)
                     else:
@@ -219,7 +232,7 @@ async def run_handler(attempt: Attempt, handler: Handler, threads: ThreadTracker
     # A cancellation of this process's own (shutdown) is not the attempt's outcome:
     # it was swallowed above with the handler's errors, and is raised again here.
     await trio.lowlevel.checkpoint_if_cancelled()
-    if scope.cancel_called and not attempt.deleted:
+    if scope.cancel_called and not attempt.cancelled:
         # Cancelled by its timeout only if that came first; by anything else (the lease
         # deadline, a lost lease) the attempt was cut off, not failed.
         timed_out = (not attempt.lease_lost and attempt.timeout_deadline <= attempt.lease_deadline

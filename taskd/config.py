@@ -46,8 +46,15 @@ class Settings:
     max_crashes: int = 3
     # 0 here means "not set": resolved below to twice the pool, so it is always a count once built.
     max_threads: int = 0
+    # (queue, slots) pairs: this process serves only these queues, each with its own slots.
+    # Empty: every queue, all slots shared.
+    queues: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
+        slots = sum(n for _, n in self.queues)
+        if self.queues and self.worker_pool_size not in (0, slots):
+            raise ConfigError("QUEUES", f"its slots add up to {slots}, but WORKER_POOL_SIZE (--workers) is "
+                                        f"{self.worker_pool_size}; leave --workers out, or make them agree")
         if self.max_threads == 0:
             # Each worker may leave one abandoned thread behind after a timeout, hence twice; an
             # API-only process (no workers) still gets one for the odd plain-def call.
@@ -337,6 +344,24 @@ def _host(text: str) -> str:
     return host
 
 
+_QUEUE_NAME = re.compile(r"[a-z0-9_.-]{1,64}")
+
+
+def _queues(text: str) -> tuple[tuple[str, int], ...]:
+    """name=slots pairs, comma-separated: default=40,emails=10."""
+    pairs: list[tuple[str, int]] = []
+    for part in text.split(","):
+        name, sep, count = part.strip().partition("=")
+        name = name.strip()
+        if not sep or not _QUEUE_NAME.fullmatch(name):
+            raise ValueError(f"{part.strip()!r}: give queue=slots pairs like default=40,emails=10 (queue names: "
+                             "1 to 64 of a-z, 0-9, '_', '.' and '-')")
+        if name in dict(pairs):
+            raise ValueError(f"queue {name!r} is given twice")
+        pairs.append((name, _int(1, 10_000)(count)))
+    return tuple(pairs)
+
+
 def _path(text: str) -> pathlib.Path:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -379,6 +404,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_CRASHES", ("--max-crashes",), _int(1, 1000),
             "crashes (its process died or lost its lease while running it) after which a crash in quarantine "
             "fails the task (default 3)"),
+    Setting("QUEUES", ("--queues",), _queues,
+            "serve only these queues, with slots split between them: default=40,emails=10 (--workers then "
+            "defaults to their sum); unset: every queue, all slots shared"),
     Setting("MAX_THREADS", ("--max-threads",), _int(1, 100_000),
             "threads plain-def handlers may occupy, abandoned ones still running after a timeout included "
             "(default twice WORKER_POOL_SIZE, at least 1)"),
@@ -395,6 +423,8 @@ def parse_settings(raw: Mapping[str, str]) -> Settings:
             values[setting.field] = setting.parse(raw[setting.env])
         except ValueError as exc:
             raise ConfigError(setting.env, str(exc)) from None
+    if "queues" in values and "worker_pool_size" not in values:
+        values["worker_pool_size"] = sum(n for _, n in values["queues"])
     return Settings(**values)
 
 

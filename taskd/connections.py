@@ -8,7 +8,9 @@ Imports taskd.db, taskd.sql, taskd.outage and taskd.errors.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 from taskd import db, sql
@@ -84,6 +86,17 @@ class TrackedPool:
             raise
         self._outage.succeeded()
         return result
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[db.Connection]:
+        """A pooled connection in a transaction (see db.Pool.transaction)."""
+        try:
+            async with self._pool.transaction() as conn:
+                yield conn
+        except DatabaseUnavailable as exc:
+            self._outage.failed("pool", exc)
+            raise
+        self._outage.succeeded()
 
     def usage(self) -> dict[str, int]:
         return self._pool.usage()

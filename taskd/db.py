@@ -177,6 +177,26 @@ class Pool:
                 await trio_asyncio.aio_as_trio(self._raw.expire_connections)()
             raise
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """A pooled connection in a transaction for the block: committed at its end, rolled
+        back if it raises; the connection goes back to the pool either way (closed, if the
+        rollback could not finish)."""
+        with _translated():
+            raw = await trio_asyncio.aio_as_trio(self._raw.acquire)()
+        conn = Connection(raw)
+        try:
+            async with conn.transaction():
+                yield conn
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                try:
+                    await trio_asyncio.aio_as_trio(self._raw.release)(raw)
+                except Exception as exc:  # a broken connection: the pool replaces it
+                    log.debug("releasing a connection failed: %s", exc)
+            if scope.cancelled_caught:
+                raw.terminate()
+
     def usage(self) -> dict[str, int]:
         size = self._raw.get_size()
         return {"size": size, "idle": self._raw.get_idle_size(), "max": self._raw.get_max_size()}

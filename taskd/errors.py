@@ -6,6 +6,7 @@
     ├── DatabaseError          the database failed a statement
     │   └── DatabaseUnavailable  the database cannot be reached
     ├── InvalidTask            a task submitted by a client is not acceptable (HTTP 422)
+    ├── IdempotencyConflict    an idempotency key already made a task from another request (HTTP 409)
     └── StartupCancelled       SIGTERM/SIGINT before taskd was serving (the CLI exits 0 with one line)
 """
 
@@ -44,6 +45,15 @@ class InvalidTask(TaskdError):
         super().__init__(message)
         self.message = message
         self.field = field
+
+
+class IdempotencyConflict(TaskdError):
+    """The idempotency key already made a task, from a request with another body."""
+
+    def __init__(self, key: str, task_id: int) -> None:
+        super().__init__(f"idempotency key {key!r} was used for task {task_id} with another request body")
+        self.key = key
+        self.task_id = task_id
 
 
 class StartupCancelled(TaskdError):

@@ -1,5 +1,5 @@
 """Periodic housekeeping: the rescue of tasks whose process died (their lease ran
-out), and forgetting processes long gone. (Heartbeats belong to the worker pool,
+out), ending waiting tasks past their expiry, and forgetting processes long gone. (Heartbeats belong to the worker pool,
 which knows what it holds.)
 
 The server starts these loops; this module opens no nursery.
@@ -50,3 +50,22 @@ async def rescue_loop(store: Store, settings: Settings, keep: Callable[[], Seque
             log.error("rescuing expired leases failed: %s", exc)
         await trio.sleep(rescue_interval(settings.lease_seconds))
 
+
+
+EXPIRY_EVERY = 1.0
+
+
+async def expiry_loop(store: Store, every: float = EXPIRY_EVERY) -> None:
+    """End waiting tasks whose expiry passed as expired, forever. (The claim never takes an
+    expired task anyway: this only makes its status say so, within a second.)"""
+    while True:
+        try:
+            expired = await store.expire_due()
+            if expired:
+                log.info("%d tasks expired before they could start: %s", len(expired),
+                         ", ".join(map(str, expired[:20])) + (" ..." if len(expired) > 20 else ""))
+        except DatabaseUnavailable as exc:
+            log.debug("expiring tasks failed: %s", exc)
+        except DatabaseError as exc:
+            log.error("expiring tasks failed: %s", exc)
+        await trio.sleep(every)

@@ -17,9 +17,13 @@ class TaskStatus(enum.StrEnum):
     RETRYING = "retrying"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # stopped on request before it finished
+    EXPIRED = "expired"  # not started before its expires_at; never ran
 
 
-FINISHED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED})
+FINISHED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.EXPIRED})
+CANCELLABLE = frozenset({TaskStatus.PENDING, TaskStatus.SCHEDULED, TaskStatus.RETRYING, TaskStatus.RUNNING})
+RETRYABLE = frozenset({TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.EXPIRED})
 
 
 def attempt_error(kind: str, message: str, attempt: int, traceback: str | None = None) -> dict[str, Any]:
@@ -42,6 +46,25 @@ class NewTask:
     priority: int = 0
     run_at: dt.datetime | None = None  # when it may first run (None: now, or after delay_seconds)
     delay_seconds: float | None = None
+    queue: str = "default"
+    expires_at: dt.datetime | None = None  # not run if not started by then (or after expires_in_seconds)
+    expires_in_seconds: float | None = None
+    idempotency_key: str | None = None
+    idempotency_hash: str | None = None  # digest of the request: a repeat with another body is a conflict
+
+    @property
+    def starts_later(self) -> bool:
+        """Is it scheduled: may it not run yet (by this machine's clock)?"""
+        return (self.delay_seconds or 0) > 0 or (self.run_at is not None and self.run_at > dt.datetime.now(dt.UTC))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Submitted:
+    """What a submit did: made the task (created), or found the one its idempotency key made."""
+
+    id: int
+    created: bool
+    status: TaskStatus  # as clients see it now
 
 
 # ClaimedTask and Outcome are made once per task on the hot path: plain slotted
@@ -58,11 +81,12 @@ class ClaimedTask:
     timeout_seconds: float
     crashes: int = 0  # earlier attempts cut short by a dying process; they do not spend retries
     snoozes: int = 0  # earlier attempts that asked to run again later (taskd.Retry); no retries spent either
+    attempts_forgiven: int = 0  # attempts before the task was retried by hand; they no longer count
 
     @property
     def retries_used(self) -> int:
         """Failed attempts before this one that count against max_retries."""
-        return self.attempt - 1 - self.crashes - self.snoozes
+        return self.attempt - 1 - self.crashes - self.snoozes - self.attempts_forgiven
 
 
 @dataclasses.dataclass(slots=True)
@@ -83,6 +107,7 @@ class Outcome:
     may_retry: bool = False  # retries remain, should this outcome turn out unstorable
     crashed: bool = False  # the attempt took its (quarantine) process down: counts as a crash, not a retry
     snoozed: bool = False  # the handler asked to run again later (taskd.Retry): not a failure
+    progress_json: str | None = None  # the handler's last progress, written with the outcome
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,6 +137,11 @@ class Task:
     errors_json: str
     priority: int = 0
     run_at: dt.datetime | None = None
+    queue: str = "default"
+    expires_at: dt.datetime | None = None
+    idempotency_key: str | None = None
+    cancel_requested_at: dt.datetime | None = None
+    progress_json: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -153,6 +183,7 @@ class TaskSummary:
     error_message: str | None
     priority: int = 0
     run_at: dt.datetime | None = None
+    queue: str = "default"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

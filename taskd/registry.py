@@ -10,8 +10,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import hashlib
 import inspect
+import json
 import logging
+import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,13 +29,35 @@ MAX_TIMEOUT = 7 * 86_400.0
 MAX_RETRIES_LIMIT = 1000
 MAX_TYPE_CHARS = 200
 PRIORITY_RANGE = (-100, 100)
+QUEUE_NAME = re.compile(r"[a-z0-9_.-]{1,64}")
+QUEUE_RULE = "1 to 64 of a-z, 0-9, '_', '.' and '-'"
+MAX_KEY_CHARS = 200
+MAX_PROGRESS_MESSAGE = 1000
+
+
+def is_queue_name(value: object) -> bool:
+    return isinstance(value, str) and QUEUE_NAME.fullmatch(value) is not None
+
+
+class _Done:
+    """What ctx.progress returns: awaitable (async handlers await it) and already done
+    (a plain-def handler in its thread just calls it)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Any:
+        return iter(())
+
+
+_DONE = _Done()
 
 
 class TaskContext:
     """What a handler knows about the attempt it runs in: task_id, task_type, attempt
-    (1-based), max_retries, and a logger that tags its records with the task id."""
+    (1-based), max_retries, and a logger that tags its records with the task id; and
+    what it may tell: progress(fraction, message), and whether it was cancelled()."""
 
-    __slots__ = ("task_id", "task_type", "attempt", "max_retries", "_logger")
+    __slots__ = ("task_id", "task_type", "attempt", "max_retries", "_logger", "_cancelled", "_progress")
 
     def __init__(self, task_id: int, task_type: str, attempt: int, max_retries: int) -> None:
         self.task_id = task_id
@@ -39,6 +65,39 @@ class TaskContext:
         self.attempt = attempt
         self.max_retries = max_retries
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+        self._cancelled = False
+        self._progress: str | None = None  # the latest, as JSON text; the worker stores it
+
+    def cancelled(self) -> bool:
+        """Was this task cancelled (or deleted) while it runs? An async handler is cancelled
+        by trio and need not ask; a plain-def handler's thread cannot be interrupted, so a
+        long one should ask now and then and return early."""
+        return self._cancelled
+
+    def mark_cancelled(self) -> None:
+        self._cancelled = True
+
+    def progress(self, fraction: float, message: str = "") -> _Done:
+        """Report how far the attempt got: `fraction` from 0 to 1 and a short message. Shown as
+        the task's progress; written at most once a second (the latest wins). Await it from an
+        async handler; call it from a plain-def one (it is thread-safe)."""
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
+            raise ValueError(f"progress takes a fraction from 0 to 1, not {fraction!r}")
+        if not isinstance(message, str):
+            raise ValueError("progress message must be a string")
+        text = jsontext.dumps({
+            "fraction": float(fraction),
+            "message": jsontext.storable(message[:MAX_PROGRESS_MESSAGE]),
+            "updated_at": dt.datetime.now(dt.UTC).isoformat(),
+        })
+        # One reference assignment: atomic under the GIL, so a handler thread and the
+        # trio thread reading it need no lock.
+        self._progress = text
+        return _DONE
+
+    def latest_progress(self) -> str | None:
+        """The latest progress reported (JSON text), if any; the worker stores it."""
+        return self._progress
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -66,6 +125,8 @@ class Handler:
     priority: int | None = None
     # Checks a payload at submit time; raises ValueError with what is wrong.
     validate: Callable[[Any], None] | None = None
+    queue: str | None = None
+    unique_for: float | None = None  # seconds: the same type and payload is queued once per window
 
 
 def _is_priority(value: object) -> bool:
@@ -80,7 +141,8 @@ class Registry:
 
     def register(
         self, name: str, fn: Callable[..., Any], *, timeout: float | None = None, max_retries: int | None = None,
-        priority: int | None = None, validate: Callable[[Any], None] | None = None,
+        priority: int | None = None, validate: Callable[[Any], None] | None = None, queue: str | None = None,
+        unique_for: float | None = None,
     ) -> Handler:
         if not name or not isinstance(name, str):
             raise ValueError("a task type needs a non-empty name")
@@ -91,24 +153,34 @@ class Registry:
         if priority is not None and not _is_priority(priority):
             raise ValueError(f"task {name!r}: priority must be a whole number from {PRIORITY_RANGE[0]} to "
                              f"{PRIORITY_RANGE[1]}")
+        if queue is not None and not is_queue_name(queue):
+            raise ValueError(f"task {name!r}: queue must be {QUEUE_RULE}")
+        if unique_for is not None and (isinstance(unique_for, bool) or not isinstance(unique_for, int | float)
+                                       or not 0 < unique_for <= MAX_DELAY_SECONDS):
+            raise ValueError(f"task {name!r}: unique_for must be > 0 and <= {MAX_DELAY_SECONDS} seconds")
         existing = self._handlers.get(name)
         if existing is not None and existing.fn is not fn:
             raise ValueError(f"task type {name!r} is already registered to {existing.fn.__qualname__}")
-        handler = Handler(name, fn, inspect.iscoroutinefunction(fn), timeout, max_retries, priority, validate)
+        handler = Handler(name, fn, inspect.iscoroutinefunction(fn), timeout, max_retries, priority, validate,
+                          queue, None if unique_for is None else float(unique_for))
         self._handlers[name] = handler
         return handler
 
     def task(
         self, name: str | None = None, *, timeout: float | None = None, max_retries: int | None = None,
-        priority: int | None = None, validate: Callable[[Any], None] | None = None,
+        priority: int | None = None, validate: Callable[[Any], None] | None = None, queue: str | None = None,
+        unique_for: float | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register the function as the handler of task type `name` (default: its name);
-        its limits and priority are the defaults a submitted task may override, and `validate(payload)`
-        (raising ValueError) refuses a bad payload at submit time with a 422."""
+        its limits, priority and queue are the defaults a submitted task may override, and
+        `validate(payload)` (raising ValueError) refuses a bad payload at submit time with a 422.
+        With `unique_for=SECONDS`, a task of this type with the same payload is queued once per
+        window of that many seconds: a repeat gets the task already made (unless it gives its own
+        idempotency key)."""
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.register(name or fn.__name__, fn, timeout=timeout, max_retries=max_retries, priority=priority,
-                          validate=validate)
+                          validate=validate, queue=queue, unique_for=unique_for)
             return fn
 
         return decorate
@@ -133,6 +205,10 @@ class Registry:
         priority: int | None = None,
         run_at: dt.datetime | None = None,
         delay_seconds: float | None = None,
+        queue: str | None = None,
+        expires_at: dt.datetime | None = None,
+        expires_in_seconds: float | None = None,
+        idempotency_key: str | None = None,
     ) -> NewTask:
         """Check a submitted task against the registry and resolve its defaults (task, then
         handler, then settings). The one rule for every way in: the HTTP API and taskd.enqueue."""
@@ -151,16 +227,24 @@ class Registry:
                               field="priority")
         if run_at is not None and delay_seconds is not None:
             raise InvalidTask("give run_at or delay_seconds, not both", field="run_at")
-        if run_at is not None:
-            if not isinstance(run_at, dt.datetime) or run_at.utcoffset() is None:
-                raise InvalidTask("run_at must be a time with a UTC offset (RFC 3339)", field="run_at")
-            try:
-                run_at = run_at.astimezone(dt.UTC)
-            except OverflowError:
-                raise InvalidTask("run_at is out of range", field="run_at") from None
-        if delay_seconds is not None and (isinstance(delay_seconds, bool) or not isinstance(delay_seconds, int | float)
-                                          or not 0 <= delay_seconds <= MAX_DELAY_SECONDS):
+        run_at = _utc(run_at, "run_at")
+        if delay_seconds is not None and not _seconds_in(delay_seconds, 0, MAX_DELAY_SECONDS):
             raise InvalidTask(f"delay_seconds must be from 0 to {MAX_DELAY_SECONDS}", field="delay_seconds")
+        if queue is not None and not is_queue_name(queue):
+            raise InvalidTask(f"queue must be {QUEUE_RULE}", field="queue")
+        if expires_at is not None and expires_in_seconds is not None:
+            raise InvalidTask("give expires_at or expires_in_seconds, not both", field="expires_at")
+        expires_at = _utc(expires_at, "expires_at")
+        if expires_in_seconds is not None and not _seconds_in(expires_in_seconds, 0, MAX_DELAY_SECONDS,
+                                                              low_open=True):
+            raise InvalidTask(f"expires_in_seconds must be > 0 and <= {MAX_DELAY_SECONDS}",
+                              field="expires_in_seconds")
+        _check_expiry(run_at, delay_seconds, expires_at, expires_in_seconds)
+        if idempotency_key is not None and (not isinstance(idempotency_key, str)
+                                            or not 1 <= len(idempotency_key) <= MAX_KEY_CHARS
+                                            or "\x00" in idempotency_key):
+            raise InvalidTask(f"idempotency_key must be 1 to {MAX_KEY_CHARS} characters (no NUL)",
+                              field="idempotency_key")
         handler = self._handlers.get(task_type)
         if handler is None:
             known = ", ".join(self.names()) or "none"
@@ -178,10 +262,71 @@ class Registry:
             max_retries = handler.max_retries if handler.max_retries is not None else settings.max_retries
         if timeout_seconds is None:
             timeout_seconds = handler.timeout if handler.timeout is not None else settings.task_timeout
+        request_hash = None
+        if idempotency_key is not None:
+            # The request as given (before defaults, which may change between releases).
+            request_hash = _digest({
+                "task_type": task_type, "payload": payload, "max_retries": max_retries,
+                "timeout_seconds": timeout_seconds, "priority": priority, "queue": queue,
+                "run_at": None if run_at is None else run_at.isoformat(), "delay_seconds": delay_seconds,
+                "expires_at": None if expires_at is None else expires_at.isoformat(),
+                "expires_in_seconds": expires_in_seconds,
+            })
+        elif handler.unique_for is not None:
+            window = int(time.time() // handler.unique_for)
+            idempotency_key = f"unique:{window}:{_digest({'task_type': task_type, 'payload': payload})}"
+            request_hash = "unique_for"  # any repeat within the window is the same job
+        if max_retries is None:
+            max_retries = handler.max_retries if handler.max_retries is not None else settings.max_retries
+        if timeout_seconds is None:
+            timeout_seconds = handler.timeout if handler.timeout is not None else settings.task_timeout
         if priority is None:
             priority = handler.priority if handler.priority is not None else 0
+        if queue is None:
+            queue = handler.queue or "default"
         return NewTask(task_type, payload_json, max_retries, float(timeout_seconds), priority, run_at,
-                       None if delay_seconds is None else float(delay_seconds))
+                       None if delay_seconds is None else float(delay_seconds), queue, expires_at,
+                       None if expires_in_seconds is None else float(expires_in_seconds), idempotency_key,
+                       request_hash)
+
+
+def _utc(value: Any, field: str) -> dt.datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, dt.datetime) or value.utcoffset() is None:
+        raise InvalidTask(f"{field} must be a time with a UTC offset (RFC 3339)", field=field)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        raise InvalidTask(f"{field} is out of range", field=field) from None
+
+
+def _seconds_in(value: Any, low: float, high: float, *, low_open: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return (low < value if low_open else low <= value) and value <= high
+
+
+def _check_expiry(run_at: dt.datetime | None, delay: float | None, expires_at: dt.datetime | None,
+                  expires_in: float | None) -> None:
+    """An expiry must leave the task a chance to run: after its start time, and not past."""
+    if expires_at is None and expires_in is None:
+        return
+    now = dt.datetime.now(dt.UTC)
+    start = run_at or now + dt.timedelta(seconds=delay or 0)
+    try:
+        deadline = expires_at or now + dt.timedelta(seconds=expires_in or 0)
+    except OverflowError:
+        raise InvalidTask("expires_at is out of range", field="expires_at") from None
+    if expires_at is not None and expires_at <= now:
+        raise InvalidTask("expires_at is in the past", field="expires_at")
+    if deadline <= start:
+        raise InvalidTask("the task would expire before it may start (expiry not after run_at / delay_seconds)",
+                          field="expires_at" if expires_at is not None else "expires_in_seconds")
+
+
+def _digest(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 default_registry = Registry()

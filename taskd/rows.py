@@ -29,6 +29,11 @@ def task_from_row(row: Mapping[str, Any]) -> Task:
         errors_json=row["errors"],
         priority=row["priority"],
         run_at=row["run_at"],
+        queue=row["queue"],
+        expires_at=row["expires_at"],
+        idempotency_key=row["idempotency_key"],
+        cancel_requested_at=row["cancel_requested_at"],
+        progress_json=row["progress"],
     )
 
 
@@ -48,4 +53,5 @@ def summary_from_row(row: Mapping[str, Any]) -> TaskSummary:
         error_message=row["error_message"],
         priority=row["priority"],
         run_at=row["run_at"],
+        queue=row["queue"],
     )

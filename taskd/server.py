@@ -29,9 +29,9 @@ import trio_asyncio
 from hypercorn.config import Config as HypercornConfig
 
 from taskd import db, maintenance, startup
-from taskd.api import create_app
 from taskd.config import Settings, redacted_url
 from taskd.errors import DatabaseError
+from taskd.http import create_app
 from taskd.models import WorkerGauge
 from taskd.registry import Registry
 from taskd.store import Store
@@ -153,15 +153,14 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
                 services.start_soon(shutdown.watch_signals)
                 services.start_soon(pool.heartbeat_loop)
                 services.start_soon(maintenance.rescue_loop, store, settings, pool.handing_back)
+                services.start_soon(maintenance.expiry_loop, store)
+                services.start_soon(pool.progress_loop)
                 services.start_soon(store.keep_listening)
                 work_done = trio.Event()
                 async with trio.open_nursery() as work:
                     services.start_soon(shutdown.stop_work, pool, store, work.cancel_scope, settings.shutdown_grace,
                                         work_done)
-                    send, receive = pool.open_channel()
-                    async with receive:
-                        for _ in range(settings.worker_pool_size):
-                            work.start_soon(pool.work_loop, receive.clone())
+                    channels = pool.start_workers(work)
                     claiming = False
                     try:
                         async with trio.open_nursery() as http:
@@ -171,7 +170,7 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
                             # Claiming starts only once HTTP serves: a start that cannot
                             # bind its port must not have taken any task.
                             if settings.worker_pool_size:
-                                work.start_soon(pool.claim_loop, send)
+                                pool.start_claiming(work, channels)
                                 claiming = True
                             api = f"http://{_bind(settings.host, settings.port)}"
                             if settings.listen_fd is None and binds:
@@ -180,8 +179,9 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
                                   f"workers {settings.worker_pool_size}{banner}"
                                   f"{_sibling_note(settings)}", flush=True)
                     finally:
-                        if not claiming:  # else the claim loop closes it
-                            send.close()
+                        if not claiming:  # else the claim loops close them
+                            for _lane, send in channels:
+                                send.close()
                     log.info("HTTP stopped")
                 work_done.set()
                 # Outcomes are written while the heartbeat still renews their leases.

@@ -1,10 +1,12 @@
 """The worker side: one claim loop per process feeding N worker loops, and the
 heartbeat that keeps their leases.
 
-The claim loop asks the Store for at most as many tasks as there are free
-worker slots, in one statement, and passes them to the workers through a
-channel; when the queue is empty it sleeps until a NOTIFY says new work
-arrived, the next retry falls due, or the fallback poll interval passes.
+The slots are split into lanes: one for every queue (the default), or one per queue
+the process is told to serve (QUEUES), so a busy queue cannot take another's slots.
+Each lane's claim loop asks the Store for at most as many tasks as the lane has free
+slots, in one statement, and passes them to its workers through a channel; when
+nothing is due it sleeps until a NOTIFY says new work arrived, the next scheduled
+task or retry falls due, or the fallback poll interval passes.
 Each claim becomes an `Attempt` record (taskd.attempts), which lives until its
 outcome is written: the heartbeat renews its lease until then, and an attempt
 whose lease this process could not renew in time is cancelled before another
@@ -18,6 +20,7 @@ taskd.failures, taskd.errors, taskd.jsontext.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import random
 from collections.abc import Sequence
@@ -32,7 +35,7 @@ from taskd.errors import DatabaseError
 from taskd.models import Outcome, TaskStatus, WorkerGauge, attempt_error
 from taskd.quarantine import QuarantinedFailure
 from taskd.registry import Registry
-from taskd.store import Store
+from taskd.store import Store, WorkSignal
 
 log = logging.getLogger("taskd.workers")
 
@@ -43,6 +46,7 @@ RECENT_CANCELS = 10_000
 
 
 HEARTBEAT_RETRY = 0.5
+PROGRESS_EVERY = 1.0  # seconds: a task's progress is written at most this often
 CLAIM_LIMIT = 10.0  # seconds a claim may take before it is abandoned (its tasks then rescued)
 
 
@@ -59,8 +63,22 @@ def retry_delay(attempt: int, base: float, cap: float, rng: random.Random | None
     return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
+@dataclasses.dataclass(eq=False)
+class Lane:
+    """Slots that claim only from `queues` (None: every queue)."""
+
+    queues: tuple[str, ...] | None
+    size: int
+    slots: trio.Semaphore
+    signal: WorkSignal
+
+    @property
+    def name(self) -> str:
+        return "every queue" if self.queues is None else ",".join(self.queues)
+
+
 class WorkerPool:
-    """The claim loop, the worker loops, the heartbeat, and the attempts they share."""
+    """The lanes' claim loops, the worker loops, the heartbeat, and the attempts they share."""
 
     def __init__(self, store: Store, registry: Registry, settings: Settings, gauge: WorkerGauge) -> None:
         self.store = store
@@ -68,23 +86,40 @@ class WorkerPool:
         self.settings = settings
         self.gauge = gauge
         self.size = settings.worker_pool_size
-        self._slots = trio.Semaphore(self.size)
+        split = settings.queues or ((None, self.size),)
+        self.lanes = [Lane(None if queue is None else (queue,), size, trio.Semaphore(size), store.work_signal())
+                      for queue, size in split]
         self.threads = ThreadTracker(settings.max_threads, on_idle=store.wake_claimer)
         self._claim_scope = trio.CancelScope()
         self._attempts: dict[tuple[int, int], Attempt] = {}
         # Attempts this process gave up on (lease lapsed) whose rows may still be leased
         # to it: handed back, without counting them, once the database answers.
         self._to_release: set[tuple[int, int]] = set()
-        # Deletions whose notice may arrive before the claim that took the task lands.
+        # Cancels (and deletions) whose notice may arrive before the claim that took the task lands.
         self._recent_cancels: collections.OrderedDict[int, None] = collections.OrderedDict()
         self.claims = 0
         self.claimed = 0
-        store.on_cancel(self._cancel_deleted)
+        store.on_cancel(self._cancel_running)
         store.on_outcomes_written(self._outcomes_written)
 
-    def open_channel(self) -> tuple[trio.MemorySendChannel[Attempt], trio.MemoryReceiveChannel[Attempt]]:
-        """The hand-over from claimer to workers; it never holds more than there are slots."""
-        return trio.open_memory_channel[Attempt](max(1, self.size))
+    def start_workers(self, nursery: trio.Nursery) -> list[tuple[Lane, trio.MemorySendChannel[Attempt]]]:
+        """Start each lane's worker loops in `nursery`; returns each lane's hand-over channel, for
+        start_claiming (or, if claiming never starts, to be closed so the workers stop). A
+        channel never holds more than its lane has slots."""
+        channels = []
+        for lane in self.lanes:
+            send, receive = trio.open_memory_channel[Attempt](max(1, lane.size))
+            with receive:
+                for _ in range(lane.size):
+                    nursery.start_soon(self.work_loop, lane, receive.clone())
+            channels.append((lane, send))
+        return channels
+
+    def start_claiming(self, nursery: trio.Nursery,
+                       channels: Sequence[tuple[Lane, trio.MemorySendChannel[Attempt]]]) -> None:
+        """Start each lane's claim loop in `nursery`; each closes its channel when it stops."""
+        for lane, send in channels:
+            nursery.start_soon(self.claim_loop, lane, send)
 
     def attempts(self) -> list[Attempt]:
         return list(self._attempts.values())
@@ -104,12 +139,12 @@ class WorkerPool:
     def stop_claiming(self) -> None:
         self._claim_scope.cancel()
 
-    def _cancel_deleted(self, task_id: int) -> None:
+    def _cancel_running(self, task_id: int) -> None:
         found = False
         for attempt in self.attempts():
             if attempt.task.id == task_id:
                 found = True
-                attempt.stop(deleted=True)
+                attempt.stop(cancelled=True)
         if not found:
             self._recent_cancels[task_id] = None
             if len(self._recent_cancels) > RECENT_CANCELS:
@@ -144,8 +179,8 @@ class WorkerPool:
             live = [a for a in self.attempts() if not a.lease_lost and not self._ignores_cancel(a)]
             sent_at = trio.current_time()
             try:
-                renewed = await self.store.heartbeat(lease, [a.key for a in live], self.gauge.size,
-                                                     self.gauge.busy)
+                renewed, cancel_asked = await self.store.heartbeat(lease, [a.key for a in live], self.gauge.size,
+                                                                   self.gauge.busy)
             except DatabaseError as exc:
                 # Soon again, not in lease/3: two missed beats in a row must not be all
                 # it takes to cut every attempt off.
@@ -153,9 +188,13 @@ class WorkerPool:
                 await trio.sleep(min(lease / 3, HEARTBEAT_RETRY))
                 continue
             for attempt in live:
+                if attempt.key in cancel_asked and not attempt.cancelled:
+                    # The notice of it was missed (the listening connection was down).
+                    log.info("task %d attempt %d: cancel asked for; cancelling it", *attempt.key)
+                    attempt.stop(cancelled=True)
                 if attempt.key in renewed:
                     attempt.extend_lease(lease_deadline(sent_at, lease))
-                elif self._attempts.get(attempt.key) is attempt and not attempt.deleted:
+                elif self._attempts.get(attempt.key) is attempt and not attempt.cancelled:
                     log.warning("task %d attempt %d: lease lost (deleted, or expired); cancelling it",
                                 *attempt.key)
                     attempt.stop(lease_lost=True)
@@ -189,10 +228,27 @@ class WorkerPool:
                       "renewing its lease, so another process will run the task", *attempt.key)
         return True
 
+    async def progress_loop(self) -> None:
+        """Store the handlers' progress, every attempt's latest in one statement, at most once a
+        second, forever (an outcome carries the last progress with it)."""
+        while True:
+            await trio.sleep(PROGRESS_EVERY)
+            pending = [(a, text) for a in self.attempts() if (text := a.progress_to_write()) is not None]
+            if not pending:
+                continue
+            try:
+                await self.store.write_progress([(a.task.id, a.task.attempt, text) for a, text in pending])
+            except DatabaseError as exc:
+                log.debug("writing progress failed, will try again: %s", exc)
+                continue
+            for attempt, text in pending:
+                attempt.progress_written = text
+
     # -- claiming ---------------------------------------------------------------------------------
 
-    async def claim_loop(self, send: trio.MemorySendChannel[Attempt]) -> None:
-        """Claim work for free slots until stop_claiming(); closes `send` so the workers drain and stop.
+    async def claim_loop(self, lane: Lane, send: trio.MemorySendChannel[Attempt]) -> None:
+        """Claim work for the lane's free slots until stop_claiming(); closes `send` so its
+        workers drain and stop.
 
         Slots are reserved before the claim is sent and the unused ones returned after,
         so the process never holds more tasks than it has slots to run them.
@@ -200,30 +256,32 @@ class WorkerPool:
         async with send:
             with self._claim_scope:
                 while True:
-                    await self._slots.acquire()  # at least one free slot
+                    await lane.slots.acquire()  # at least one free slot
                     reserved = 1
                     while reserved < MAX_CLAIM:
                         try:
-                            self._slots.acquire_nowait()
+                            lane.slots.acquire_nowait()
                         except trio.WouldBlock:
                             break
                         reserved += 1
-                    self.store.clear_new_work()
+                    lane.signal.clear()
                     task_types = self._claimable_types()
                     skip = self._skip()
-                    attempts = await self._claim(reserved, task_types, skip)
+                    attempts = await self._claim(reserved, task_types, skip, lane.queues)
                     for _ in range(reserved - len(attempts)):
-                        self._slots.release()
+                        lane.slots.release()
                     for attempt in attempts:
                         if self._recent_cancels.pop(attempt.task.id, "absent") is None:
-                            self._slots.release()  # deleted before its claim landed here
-                            continue
+                            # Cancelled (or deleted) before its claim landed here: never started,
+                            # it ends cancelled at once (a deleted row takes no outcome).
+                            attempt.cancelled = True
                         self._attempts[attempt.key] = attempt
                         send.send_nowait(attempt)
                     if len(attempts) < reserved:
-                        await self._wait_for_work(task_types, skip)
+                        await self._wait_for_work(lane, task_types, skip)
 
-    async def _claim(self, wanted: int, task_types: list[str], skip: list[int]) -> list[Attempt]:
+    async def _claim(self, wanted: int, task_types: list[str], skip: list[int],
+                     queues: tuple[str, ...] | None) -> list[Attempt]:
         # Shielded: a claim that committed must reach the workers, or its tasks
         # would sit leased to us until the lease ran out. Bounded all the same, so a
         # database that hangs cannot hold shutdown: what it claimed is then rescued.
@@ -231,7 +289,7 @@ class WorkerPool:
         tasks = []
         with trio.CancelScope(shield=True, deadline=sent_at + max(1.0, min(self.settings.lease_seconds, CLAIM_LIMIT))):
             try:
-                tasks = await self.store.claim(wanted, task_types, self.settings.lease_seconds, skip)
+                tasks = await self.store.claim(wanted, task_types, self.settings.lease_seconds, skip, queues)
             except DatabaseError as exc:
                 log.debug("claiming failed, will try again: %s", exc)
                 tasks = []
@@ -240,31 +298,34 @@ class WorkerPool:
         deadline = lease_deadline(sent_at, self.settings.lease_seconds)
         return [Attempt(task, deadline) for task in tasks]
 
-    async def _wait_for_work(self, task_types: list[str], skip: list[int]) -> None:
+    async def _wait_for_work(self, lane: Lane, task_types: list[str], skip: list[int]) -> None:
         try:
-            until_due = await self.store.seconds_until_due(task_types, skip)
+            until_due = await self.store.seconds_until_due(task_types, skip, lane.queues)
         except DatabaseError as exc:
             log.debug("reading the next due time failed: %s", exc)
             until_due = None
         wait = POLL_INTERVAL if until_due is None else min(POLL_INTERVAL, max(MIN_WAIT, until_due))
         with trio.move_on_after(wait):
-            await self.store.wait_for_work()
+            await lane.signal.wait()
 
     # -- working ----------------------------------------------------------------------------------
 
-    async def work_loop(self, receive: trio.MemoryReceiveChannel[Attempt]) -> None:
-        """Run claimed attempts one at a time until the claim loop closes the channel."""
+    async def work_loop(self, lane: Lane, receive: trio.MemoryReceiveChannel[Attempt]) -> None:
+        """Run the lane's claimed attempts one at a time until its claim loop closes the channel."""
         async with receive:
             async for attempt in receive:
                 try:
                     await self._run(attempt)
                 finally:
-                    self._slots.release()
+                    lane.slots.release()
 
     async def _run(self, attempt: Attempt) -> None:
         task = attempt.task
-        if attempt.deleted or attempt.lease_lost:
+        if attempt.lease_lost:
             self._settle_without_outcome(attempt)
+            return
+        if attempt.cancelled:
+            await self.store.record(self._cancelled(attempt, "cancelled before it started"))
             return
         handler = self.registry.get(task.task_type)
         assert handler is not None, "the claim only asks for registered types"
@@ -276,8 +337,13 @@ class WorkerPool:
             ended = await run_handler(attempt, handler, self.threads, self.settings.task_modules)
         finally:
             self.gauge.busy -= 1
-        if attempt.deleted or attempt.lease_lost or ended.lease_ran_out or ended.no_thread:
+        if attempt.lease_lost or ended.lease_ran_out or ended.no_thread:
             self._settle_without_outcome(attempt, no_thread=ended.no_thread)
+            return
+        if attempt.cancelled and ended.error is not None:
+            # (One that completed before the cancel reached it keeps its result.)
+            log.info("task %d (%s) attempt %d cancelled while running", task.id, task.task_type, task.attempt)
+            await self.store.record(self._cancelled(attempt, "cancelled while running"))
             return
         try:
             outcome = self._outcome(attempt, ended)
@@ -290,16 +356,22 @@ class WorkerPool:
             else:
                 outcome = Outcome(task.id, task.attempt, TaskStatus.FAILED, error_json=jsontext.dumps(attempt_error(
                     "OutcomeNotDescribed", failures.error_type(exc), task.attempt)))
+        outcome.progress_json = attempt.progress_to_write()
         self._log_outcome(attempt, outcome)
         # Handed over, not awaited: the Store writes outcomes in batches, and calls
         # back once written; until then the heartbeat keeps renewing the lease.
         await self.store.record(outcome)
 
+    def _cancelled(self, attempt: Attempt, message: str) -> Outcome:
+        """The end of an attempt stopped because its task was cancelled (or deleted: then the
+        lease fence turns it away, as the row is gone)."""
+        task = attempt.task
+        error = jsontext.dumps(attempt_error("Cancelled", message, task.attempt))
+        return Outcome(task.id, task.attempt, TaskStatus.CANCELLED, error_json=error,
+                       progress_json=attempt.progress_to_write())
+
     def _settle_without_outcome(self, attempt: Attempt, *, no_thread: bool = False) -> None:
         self._attempts.pop(attempt.key, None)
-        if attempt.deleted:
-            log.info("task %d (%s) was deleted while running; cancelled", attempt.task.id, attempt.task.task_type)
-            return
         if no_thread:
             log.warning("task %d attempt %d: no handler thread came free within its timeout (all %d are "
                         "busy, abandoned ones included); handed back without running", attempt.task.id,

@@ -20,6 +20,8 @@ SELECT task_type,
        count(*) FILTER (WHERE status = 'retrying') AS retrying,
        count(*) FILTER (WHERE status = 'completed') AS completed,
        count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+       count(*) FILTER (WHERE status = 'expired') AS expired,
        count(*) FILTER (WHERE status = 'completed' AND attempts > 1) AS completed_after_retry,
        count(*) FILTER (WHERE status IN ('completed', 'failed') AND attempts > 1) AS finished_after_retry
 FROM taskd.tasks

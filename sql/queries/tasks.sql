@@ -2,22 +2,43 @@
 -- Insert one task per array element; ids come from one identity sequence, so
 -- ascending ids follow the order of the arrays.
 -- A task runs from $6 (a time) or after $7 seconds, by the database's clock, else
--- now; a time already past counts as now, so it cannot jump ahead of the queue.
-INSERT INTO taskd.tasks (task_type, payload, max_retries, timeout_seconds, priority, run_at)
-SELECT t, p::jsonb, r, s, pr, GREATEST(COALESCE(ra, now() + make_interval(secs => COALESCE(d, 0))), now())
-FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[], $5::smallint[], $6::timestamptz[], $7::float8[])
-     AS u(t, p, r, s, pr, ra, d)
-RETURNING id;
+-- now; a time already past counts as now, so it cannot jump ahead of the queue. It
+-- expires at $9 or $10 seconds from now (NULL: never). A row whose idempotency key
+-- ($11) is taken, by an earlier task or by an earlier row of this same statement, is
+-- not inserted: the caller looks the key up (task_by_idempotency_keys).
+INSERT INTO taskd.tasks (task_type, payload, max_retries, timeout_seconds, priority, run_at, queue, expires_at,
+                         idempotency_key, idempotency_hash)
+SELECT t, p::jsonb, r, s, pr, GREATEST(COALESCE(ra, now() + make_interval(secs => COALESCE(d, 0))), now()),
+       q, COALESCE(ea, now() + make_interval(secs => ei)), k, h
+FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[], $5::smallint[], $6::timestamptz[], $7::float8[],
+            $8::text[], $9::timestamptz[], $10::float8[], $11::text[], $12::text[])
+     AS u(t, p, r, s, pr, ra, d, q, ea, ei, k, h)
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id, idempotency_key, idempotency_hash,
+          CASE WHEN run_at > now() THEN 'scheduled' ELSE 'pending' END AS status;
+
+-- name: task_by_idempotency_keys :many
+-- The tasks holding the idempotency keys in $1, with the digest of the request that
+-- made each and its status as clients see it.
+SELECT id, idempotency_key, idempotency_hash,
+       CASE WHEN status = 'pending' AND run_at > now() THEN 'scheduled' ELSE status END AS status
+FROM taskd.tasks WHERE idempotency_key = ANY($1::text[]);
 
 -- name: task_claim_many :many
 -- Claim up to $2 runnable tasks of the types in $3 for process $1, highest
 -- priority first, then oldest due first; each gets a lease of $4 seconds. Tasks
 -- in $5 are skipped: this process still runs something of theirs (an attempt
 -- cut off from its lease, or an abandoned thread), and must not run two at once.
+-- Only from the queues in $6 (NULL: every queue), never from a paused one (read in
+-- this statement, so a pause holds from its commit on), and never a task past its
+-- expiry (the expiry sweep marks those expired).
 WITH next AS (
     SELECT id FROM taskd.tasks
     WHERE status IN ('pending', 'retrying') AND run_at <= now() AND task_type = ANY($3::text[])
       AND NOT (id = ANY($5::bigint[]))
+      AND ($6::text[] IS NULL OR queue = ANY($6::text[]))
+      AND queue <> ALL (ARRAY(SELECT name FROM taskd.queues WHERE paused))
+      AND (expires_at IS NULL OR expires_at > now())
     ORDER BY priority DESC, run_at, id
     LIMIT $2::int
     FOR UPDATE SKIP LOCKED
@@ -32,42 +53,55 @@ SET status = 'running',
 FROM next
 WHERE t.id = next.id
 RETURNING t.id, t.task_type, t.payload::text AS payload, t.attempts, t.max_retries, t.timeout_seconds,
-          t.crashes, t.snoozes;
+          t.crashes, t.snoozes, t.attempts_forgiven;
 
 -- name: task_next_due :val
 -- Seconds until the next runnable task of the types in $1 falls due, by the
 -- database's clock (NULL if none is waiting; zero or less if one is due now),
--- leaving out the tasks in $2 that this process may not claim for now.
+-- leaving out what the claim would (tasks in $2 that this process may not claim for
+-- now, other queues than $3, paused queues, expired tasks), or it would be woken for
+-- work it may not take.
 SELECT extract(epoch FROM min(run_at) - now())::float8 FROM taskd.tasks
-WHERE status IN ('pending', 'retrying') AND task_type = ANY($1::text[]) AND NOT (id = ANY($2::bigint[]));
+WHERE status IN ('pending', 'retrying') AND task_type = ANY($1::text[]) AND NOT (id = ANY($2::bigint[]))
+  AND ($3::text[] IS NULL OR queue = ANY($3::text[]))
+  AND queue <> ALL (ARRAY(SELECT name FROM taskd.queues WHERE paused))
+  AND (expires_at IS NULL OR expires_at > now());
 
 -- name: task_finish_many :many
 -- Record many attempts' outcomes in one statement, fenced on the lease owner $1
 -- and the attempt number: an attempt whose lease was lost writes nothing. Only a
 -- running task has a lease owner, so the fence needs no status test (which would
 -- tempt the planner into scanning every running row). An attempt that crashed
--- its quarantine process ($8) counts as a crash, not a retry.
+-- its quarantine process ($8) counts as a crash, not a retry. A task whose cancel
+-- was asked for is not retried: an attempt that would be ends it cancelled (one
+-- that completed or failed for good keeps that end). The handler's last progress
+-- ($10) is kept with the outcome.
 UPDATE taskd.tasks t
-SET status = u.status,
+SET status = CASE WHEN u.status = 'retrying' AND t.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                  ELSE u.status END,
+    progress = COALESCE(u.progress::jsonb, t.progress),
     crashes = t.crashes + CASE WHEN u.crashed THEN 1 ELSE 0 END,
     snoozes = t.snoozes + CASE WHEN u.snoozed THEN 1 ELSE 0 END,
     result = u.result::jsonb,
     last_error = COALESCE(u.error::jsonb, t.last_error),
     errors = CASE WHEN u.error IS NULL THEN t.errors ELSE t.errors || jsonb_build_array(u.error::jsonb) END,
-    finished_at = CASE WHEN u.status IN ('completed', 'failed') THEN now() END,
+    finished_at = CASE WHEN u.status <> 'retrying' OR t.cancel_requested_at IS NOT NULL THEN now() END,
     run_at = CASE WHEN u.status = 'retrying' THEN now() + make_interval(secs => u.delay) ELSE t.run_at END,
     locked_by = NULL,
     locked_until = NULL
-FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], $7::float8[], $8::bool[], $9::bool[])
-     AS u(id, attempt, status, result, error, delay, crashed, snoozed)
+FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], $7::float8[], $8::bool[], $9::bool[],
+            $10::text[])
+     AS u(id, attempt, status, result, error, delay, crashed, snoozed, progress)
 WHERE t.id = u.id AND t.attempts = u.attempt AND t.locked_by = $1::text
 RETURNING t.id, t.attempts;
 
 -- name: task_release_many :exec
 -- Hand tasks that process $1 claimed but did not finish back to the queue
--- without counting the interrupted attempt (clean shutdown).
+-- without counting the interrupted attempt (clean shutdown); one whose cancel was
+-- asked for ends cancelled instead.
 UPDATE taskd.tasks t
-SET status = 'pending',
+SET status = CASE WHEN t.cancel_requested_at IS NULL THEN 'pending' ELSE 'cancelled' END,
+    finished_at = CASE WHEN t.cancel_requested_at IS NULL THEN NULL ELSE now() END,
     attempts = t.attempts - 1,
     started_at = CASE WHEN t.attempts = 1 THEN NULL ELSE t.started_at END,
     attempt_started_at = NULL,
@@ -82,10 +116,18 @@ WHERE t.id = u.id AND t.attempts = u.attempt AND t.locked_by = $1::text AND t.st
 -- still holds to $2 seconds from now; returns those renewed. A lease that already ran out is not
 -- revived (another process may have the task now), and rows the process owns but
 -- no longer tracks (a claim whose reply was lost) are left to expire and be rescued.
+-- Says of each whether its cancel was asked for: the notification of it may be lost.
 UPDATE taskd.tasks t SET locked_until = now() + make_interval(secs => $2::float8)
 FROM unnest($3::bigint[], $4::int[]) AS u(id, attempt)
 WHERE t.id = u.id AND t.attempts = u.attempt AND t.locked_by = $1::text AND t.locked_until > now()
-RETURNING t.id, t.attempts;
+RETURNING t.id, t.attempts, t.cancel_requested_at IS NOT NULL AS cancel_requested;
+
+-- name: task_progress_many :exec
+-- The handlers' latest progress ($4, JSON text) of the attempts ($2, $3) process $1
+-- still holds, in one statement.
+UPDATE taskd.tasks t SET progress = u.progress::jsonb
+FROM unnest($2::bigint[], $3::int[], $4::text[]) AS u(id, attempt, progress)
+WHERE t.id = u.id AND t.attempts = u.attempt AND t.locked_by = $1::text;
 
 -- name: task_rescue_expired :many
 -- Tasks whose process stopped renewing their lease (it died, or lost the
@@ -94,14 +136,16 @@ RETURNING t.id, t.attempts;
 -- a neighbour that killed the process); a task with crashes runs in quarantine,
 -- where a crash is its own. Only at $3 crashes, when even quarantine did not stop
 -- its processes dying, is it failed here. Process $1 leaves alone the tasks in $2
--- that it still answers for (running, writing, or handing back itself).
+-- that it still answers for (running, writing, or handing back itself). A task whose
+-- cancel was asked for ends cancelled.
 WITH expired AS (
     SELECT id FROM taskd.tasks
     WHERE status = 'running' AND locked_until < now()
       AND NOT (locked_by = $1::text AND id = ANY($2::bigint[]))
     FOR UPDATE SKIP LOCKED
 ), err AS (
-    SELECT t.id, t.crashes + 1 >= $3::int AS give_up, jsonb_build_object(
+    SELECT t.id, t.cancel_requested_at IS NOT NULL AS cancel, t.crashes + 1 >= $3::int AS give_up,
+           jsonb_build_object(
         'type', CASE WHEN t.crashes + 1 >= $3::int THEN 'Crashed' ELSE 'LeaseExpired' END,
         'message', CASE WHEN t.crashes + 1 >= $3::int
             THEN 'the process running this task died or lost its lease ' || (t.crashes + 1)
@@ -113,8 +157,8 @@ WITH expired AS (
     FROM taskd.tasks t JOIN expired USING (id)
 )
 UPDATE taskd.tasks t
-SET status = CASE WHEN err.give_up THEN 'failed' ELSE 'retrying' END,
-    finished_at = CASE WHEN err.give_up THEN now() END,
+SET status = CASE WHEN err.cancel THEN 'cancelled' WHEN err.give_up THEN 'failed' ELSE 'retrying' END,
+    finished_at = CASE WHEN err.give_up OR err.cancel THEN now() END,
     crashes = t.crashes + 1,
     last_error = err.error,
     errors = t.errors || jsonb_build_array(err.error),
@@ -129,16 +173,17 @@ RETURNING t.id, t.status;
 -- One task by id, everything a client may see; the jsonb columns as text, passed through to clients.
 SELECT id, task_type, CASE WHEN status = 'pending' AND run_at > now() THEN 'scheduled' ELSE status END AS status, payload::text AS payload, result::text AS result,
        attempts, max_retries, crashes, timeout_seconds, created_at, started_at, finished_at,
-       last_error::text AS last_error, errors::text AS errors, priority, run_at
+       last_error::text AS last_error, errors::text AS errors, priority, run_at, queue, expires_at,
+       idempotency_key, cancel_requested_at, progress::text AS progress
 FROM taskd.tasks WHERE id = $1::bigint;
 
 -- name: task_list :many
--- Summaries, newest first, optionally filtered by status $1 and task type $2,
+-- Summaries, newest first, optionally filtered by status $1, task type $2 and queue $5,
 -- after the keyset cursor $3 (ids below it), at most $4 rows. Payload, result and
 -- errors are never read (a large one would have to be fetched from TOAST), and
 -- of the last error only its type and the first 500 characters of its message.
 SELECT id, task_type, CASE WHEN status = 'pending' AND run_at > now() THEN 'scheduled' ELSE status END AS status, attempts, max_retries, crashes, created_at, started_at,
-       finished_at, priority, run_at,
+       finished_at, priority, run_at, queue,
        last_error IS NOT NULL AS has_error, last_error->>'type' AS error_type,
        left(last_error->>'message', 500) AS error_message
 FROM taskd.tasks
@@ -146,6 +191,7 @@ WHERE ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_
        OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
   AND ($2::text IS NULL OR task_type = $2::text)
   AND ($3::bigint IS NULL OR id < $3::bigint)
+  AND ($5::text IS NULL OR queue = $5::text)
 ORDER BY id DESC
 LIMIT $4::int;
 
@@ -162,6 +208,7 @@ WHERE ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_
        OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
   AND ($2::text IS NULL OR task_type = $2::text)
   AND ($3::bigint IS NULL OR id < $3::bigint)
+  AND ($5::text IS NULL OR queue = $5::text)
 ORDER BY id DESC
 LIMIT $4::int;
 
@@ -170,10 +217,113 @@ LIMIT $4::int;
 -- deleted since its size was read is simply missing).
 SELECT id, task_type, CASE WHEN status = 'pending' AND run_at > now() THEN 'scheduled' ELSE status END AS status, payload::text AS payload, result::text AS result,
        attempts, max_retries, crashes, timeout_seconds, created_at, started_at, finished_at,
-       last_error::text AS last_error, errors::text AS errors, priority, run_at
+       last_error::text AS last_error, errors::text AS errors, priority, run_at, queue, expires_at,
+       idempotency_key, cancel_requested_at, progress::text AS progress
 FROM taskd.tasks WHERE id = ANY($1::bigint[])
 ORDER BY id DESC;
 
 -- name: task_delete :val
 -- Remove a task; a trigger tells the process running it to cancel it.
 DELETE FROM taskd.tasks WHERE id = $1::bigint RETURNING status;
+
+-- name: task_expire :many
+-- End up to $1 waiting tasks whose expiry has passed as expired; they never ran
+-- (again). Oldest deadline first; rows being claimed right now are left to the next sweep.
+WITH due AS (
+    SELECT id FROM taskd.tasks
+    WHERE expires_at <= now() AND status IN ('pending', 'retrying') AND expires_at IS NOT NULL
+    ORDER BY expires_at
+    LIMIT $1::int
+    FOR UPDATE SKIP LOCKED
+), err AS (
+    SELECT t.id, taskd.stop_error('Expired', 'not started before it expired at ' || t.expires_at, t.attempts) AS error
+    FROM taskd.tasks t JOIN due USING (id)
+)
+UPDATE taskd.tasks t
+SET status = 'expired', finished_at = now(), last_error = err.error, errors = t.errors || jsonb_build_array(err.error)
+FROM err
+WHERE t.id = err.id
+RETURNING t.id;
+
+-- name: task_cancel :one
+-- Cancel task $1: a waiting one (pending, scheduled, retrying) ends cancelled now;
+-- a running one gets a durable cancel request (a trigger tells its process), and
+-- ends cancelled when its process stops it. Returns nothing for a task that is
+-- finished already, or missing; asking again for a running task changes nothing.
+UPDATE taskd.tasks t
+SET status = CASE WHEN t.status = 'running' THEN t.status ELSE 'cancelled' END,
+    cancel_requested_at = COALESCE(t.cancel_requested_at, now()),
+    finished_at = CASE WHEN t.status = 'running' THEN NULL ELSE now() END,
+    last_error = CASE WHEN t.status = 'running' THEN t.last_error
+                      ELSE taskd.stop_error('Cancelled', 'cancelled before it ran', t.attempts) END,
+    errors = CASE WHEN t.status = 'running' THEN t.errors
+                  ELSE t.errors || jsonb_build_array(taskd.stop_error('Cancelled', 'cancelled before it ran',
+                                                                      t.attempts)) END
+WHERE t.id = $1::bigint AND t.status IN ('pending', 'retrying', 'running')
+RETURNING t.id;
+
+-- name: task_cancel_where :val
+-- Cancel, as task_cancel does, up to $5 tasks that are waiting or running (not yet
+-- asked to stop) and match the filters: reported status $1 (NULL: any of those),
+-- task type $2, queue $3, created before $4. How many were cancelled.
+WITH chosen AS (
+    SELECT id FROM taskd.tasks
+    WHERE status IN ('pending', 'retrying', 'running') AND cancel_requested_at IS NULL
+      AND ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
+           OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
+      AND ($2::text IS NULL OR task_type = $2::text)
+      AND ($3::text IS NULL OR queue = $3::text)
+      AND ($4::timestamptz IS NULL OR created_at < $4::timestamptz)
+    LIMIT $5::int
+    FOR UPDATE
+), done AS (
+    UPDATE taskd.tasks t
+    SET status = CASE WHEN t.status = 'running' THEN t.status ELSE 'cancelled' END,
+        cancel_requested_at = now(),
+        finished_at = CASE WHEN t.status = 'running' THEN NULL ELSE now() END,
+        last_error = CASE WHEN t.status = 'running' THEN t.last_error
+                          ELSE taskd.stop_error('Cancelled', 'cancelled before it ran', t.attempts) END,
+        errors = CASE WHEN t.status = 'running' THEN t.errors
+                      ELSE t.errors || jsonb_build_array(taskd.stop_error('Cancelled', 'cancelled before it ran',
+                                                                          t.attempts)) END
+    FROM chosen WHERE t.id = chosen.id
+    RETURNING 1
+)
+SELECT count(*)::int FROM done;
+
+-- name: task_retry :one
+-- Run a failed, cancelled or expired task $1 again: pending now, with a fresh
+-- max_retries (the attempts so far stop counting against it; their errors stay).
+-- Returns nothing for a task in another state, or missing.
+UPDATE taskd.tasks t
+SET status = 'pending', run_at = now(), finished_at = NULL, result = NULL, cancel_requested_at = NULL,
+    expires_at = NULL, attempts_forgiven = t.attempts - t.crashes - t.snoozes
+WHERE t.id = $1::bigint AND t.status IN ('failed', 'cancelled', 'expired')
+RETURNING t.id;
+
+-- name: task_retry_where :val
+-- Retry, as task_retry does, up to $6 tasks that match the filters: status $1 (NULL:
+-- failed, cancelled or expired), task type $2, queue $3, finished before $4, and
+-- finished no later than $5 (when the bulk retry began: a retried task that ends
+-- again meanwhile is not retried twice). How many were retried.
+WITH chosen AS (
+    SELECT id FROM taskd.tasks
+    WHERE status IN ('failed', 'cancelled', 'expired') AND ($1::text IS NULL OR status = $1::text)
+      AND ($2::text IS NULL OR task_type = $2::text)
+      AND ($3::text IS NULL OR queue = $3::text)
+      AND ($4::timestamptz IS NULL OR finished_at < $4::timestamptz)
+      AND finished_at <= $5::timestamptz
+    LIMIT $6::int
+    FOR UPDATE
+), done AS (
+    UPDATE taskd.tasks t
+    SET status = 'pending', run_at = now(), finished_at = NULL, result = NULL, cancel_requested_at = NULL,
+        expires_at = NULL, attempts_forgiven = t.attempts - t.crashes - t.snoozes
+    FROM chosen WHERE t.id = chosen.id
+    RETURNING 1
+)
+SELECT count(*)::int FROM done;
+
+-- name: db_now :val
+-- The database's clock (bulk operations fence on it, not on this machine's).
+SELECT now();

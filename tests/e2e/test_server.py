@@ -95,7 +95,8 @@ def test_bad_input_never_yields_a_500_or_writes_anything(start_taskd: Start) -> 
     assert response.status_code == 422 and response.json()["error"]["details"]["index"] == 1
     for path in ("/tasks/1", "/tasks/abc", "/tasks/1/result", "/tasks/99999999999999999999"):
         assert server.http.get(path).status_code == 404
-    assert counts(server) == {"scheduled": 0, "pending": 0, "running": 0, "retrying": 0, "completed": 0, "failed": 0}
+    assert counts(server) == {"scheduled": 0, "pending": 0, "running": 0, "retrying": 0, "completed": 0, "failed": 0,
+                             "cancelled": 0, "expired": 0}
     assert "Traceback" not in server.output
 
 
@@ -125,7 +126,7 @@ def test_delete_cancels_a_running_task(start_taskd: Start, tmp_path: pathlib.Pat
     assert server.http.delete(f"/tasks/{running}").status_code == 204
     assert server.http.get(f"/tasks/{running}").status_code == 404
     wait_until(lambda: server.http.get("/stats").json()["workers"]["busy"] == 0, what="worker freed")
-    assert "deleted while running" in server.output
+    wait_until(lambda: "deleted while running" in server.output, what="the deletion logged")
 
 
 def test_sigterm_mid_work_exits_0_releases_tasks_and_a_restart_finishes_them(
@@ -153,7 +154,8 @@ def test_sigterm_lets_running_tasks_finish_within_the_grace(start_taskd: Start) 
     server.signal(signal.SIGTERM)
     assert server.wait_exit(30) == 0
     server = start_taskd("--workers", "0")
-    assert counts(server) == {"scheduled": 0, "pending": 0, "running": 0, "retrying": 0, "completed": 5, "failed": 0}
+    assert counts(server) == {"scheduled": 0, "pending": 0, "running": 0, "retrying": 0, "completed": 5, "failed": 0,
+                             "cancelled": 0, "expired": 0}
     assert all(server.http.get(f"/tasks/{i}").json()["attempts"] == 1 for i in ids)
 
 
@@ -186,7 +188,8 @@ def test_kill_9_mid_work_loses_nothing(start_taskd: Start, tmp_path: pathlib.Pat
         assert task["attempts"] == 2, "the attempt that died counts"
         assert [e["type"] for e in task["errors"]] == ["LeaseExpired"]
     assert all(server.http.get(f"/tasks/{i}").json()["attempts"] == 1 for i in done)
-    assert counts(server) == {"scheduled": 0, "pending": 0, "running": 0, "retrying": 0, "completed": 25, "failed": 0}
+    assert counts(server) == {"scheduled": 0, "pending": 0, "running": 0, "retrying": 0, "completed": 25, "failed": 0,
+                             "cancelled": 0, "expired": 0}
 
 
 def test_embedded_database_when_no_url_is_set(tmp_path: pathlib.Path) -> None:

@@ -10,8 +10,8 @@ import asyncpg
 import trio_asyncio
 
 from taskd import builtin_tasks, sql  # noqa: F401  (builtin_tasks registers the built-in types)
-from taskd.api import create_app
 from taskd.config import Settings
+from taskd.http import create_app
 from taskd.models import TaskStatus, WorkerGauge
 from taskd.registry import default_registry
 from taskd.schemas import FULL_PAGE_BYTES
@@ -70,7 +70,7 @@ async def test_summaries_leave_payload_result_and_errors_unread(store: Store, da
     assert "payload" not in page["items"][0] and "errors" not in page["items"][0]
     # The guard: the summary query stays on the heap and index pages, while a query
     # that reads the payloads touches their 10 MB of TOAST (measured the same way).
-    args = (None, None, None, 100)
+    args = (None, None, None, 100, None)
     assert await buffers_touched(database_url, sql.queries()["task_list"].text, *args) < 50
     assert await buffers_touched(database_url, sql.queries()["task_list_sizes"].text, *args) > 1000
 

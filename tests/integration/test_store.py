@@ -21,6 +21,10 @@ async def finish(store: Store, outcome: Outcome) -> bool:
     return written
 
 
+async def submit_ids(store: Store, tasks: list[NewTask]) -> list[int]:
+    return [submitted.id for submitted in await store.submit_many(tasks)]
+
+
 def new(task_type: str = "echo", payload: str = "{}", max_retries: int = 3) -> NewTask:
     return NewTask(task_type, payload, max_retries, 30.0)
 
@@ -77,7 +81,7 @@ async def test_ids_start_at_one_and_concurrent_submits_coalesce(store: Store) ->
     ids: dict[int, int] = {}
 
     async def submit(i: int) -> None:
-        ids[i] = await store.submit(new(payload=f'{{"i": {i}}}'))
+        ids[i] = (await store.submit(new(payload=f'{{"i": {i}}}'))).id
 
     async with trio.open_nursery() as nursery:
         for i in range(200):
@@ -94,7 +98,7 @@ async def test_a_bad_row_fails_only_its_own_request(store: Store) -> None:
 
     async def submit(name: str, task: NewTask) -> None:
         try:
-            results[name] = await store.submit(task)
+            results[name] = (await store.submit(task)).id
         except Exception as exc:
             results[name] = exc
 
@@ -108,7 +112,7 @@ async def test_a_bad_row_fails_only_its_own_request(store: Store) -> None:
 
 
 async def test_claim_finish_and_the_fence(store: Store) -> None:
-    ids = await store.submit_many([new() for _ in range(5)])
+    ids = await submit_ids(store, [new() for _ in range(5)])
     claimed = await store.claim(3, ["echo"], 30)
     assert [t.id for t in claimed] == ids[:3] and all(t.attempt == 1 for t in claimed)
     assert await store.claim(10, ["other"], 30) == []
@@ -133,7 +137,7 @@ async def test_claim_finish_and_the_fence(store: Store) -> None:
 
 
 async def test_two_claimers_never_claim_the_same_task(store: Store, database_url: str) -> None:
-    await store.submit_many([new() for _ in range(1000)])
+    await submit_ids(store, [new() for _ in range(1000)])
     stores = [store] + [await Store.open(database_url, pool_size=2, process_id=f"test-{c}") for c in "bc"]
     seen: list[int] = []
 
@@ -152,7 +156,7 @@ async def test_two_claimers_never_claim_the_same_task(store: Store, database_url
 
 
 async def test_release_does_not_count_the_attempt(store: Store) -> None:
-    (task_id,) = await store.submit_many([new()])
+    (task_id,) = await submit_ids(store, [new()])
     (claimed,) = await store.claim(1, ["echo"], 30)
     await store.release([(claimed.id, claimed.attempt)])
     task = await store.get(task_id)
@@ -160,7 +164,7 @@ async def test_release_does_not_count_the_attempt(store: Store) -> None:
 
 
 async def test_expired_leases_are_rescued_as_crashes_that_spend_no_retry(store: Store) -> None:
-    a, b = await store.submit_many([new(max_retries=1), new(max_retries=0)])
+    a, b = await submit_ids(store, [new(max_retries=1), new(max_retries=0)])
     for crash in (1, 2, 3, 4):
         claimed = await store.claim(2, ["echo"], 0.05)
         assert [(t.id, t.attempt, t.crashes, t.retries_used) for t in claimed] == [
@@ -175,7 +179,7 @@ async def test_expired_leases_are_rescued_as_crashes_that_spend_no_retry(store: 
 
 
 async def test_a_process_does_not_rescue_what_it_is_handing_back_itself(store: Store, database_url: str) -> None:
-    mine, other = await store.submit_many([new(), new()])
+    mine, other = await submit_ids(store, [new(), new()])
     await store.claim(2, ["echo"], 0.05)
     await trio.sleep(0.1)
     assert dict(await store.rescue_expired(keep=[mine])) == {other: TaskStatus.RETRYING}
@@ -194,34 +198,34 @@ async def test_a_process_does_not_rescue_what_it_is_handing_back_itself(store: S
 
 
 async def test_claims_skip_what_this_process_still_runs(store: Store) -> None:
-    a, b = await store.submit_many([new(), new()])
+    a, b = await submit_ids(store, [new(), new()])
     assert [t.id for t in await store.claim(5, ["echo"], 30, skip=[a])] == [b]
     assert await store.seconds_until_due(["echo"], skip=[a]) is None
     assert (await store.seconds_until_due(["echo"])) is not None
 
 
 async def test_heartbeat_renews_only_held_live_leases(store: Store) -> None:
-    held, orphan, expired = await store.submit_many([new(), new(), new()])
+    held, orphan, expired = await submit_ids(store, [new(), new(), new()])
     await store.claim(3, ["echo"], 0.3)
     await trio.sleep(0.4)  # all three leases ran out...
-    renewed = await store.heartbeat(0.3, [(held, 1), (expired, 1)], workers=1, busy=1)
+    renewed, _ = await store.heartbeat(0.3, [(held, 1), (expired, 1)], workers=1, busy=1)
     assert renewed == set(), "an expired lease is not revived: another process may hold the task now"
     await store.release([(held, 1), (orphan, 1), (expired, 1)])
     await store.claim(3, ["echo"], 0.3)
     for _ in range(3):
         await trio.sleep(0.15)
-        renewed = await store.heartbeat(0.3, [(held, 1)], workers=1, busy=1)
+        renewed, _ = await store.heartbeat(0.3, [(held, 1)], workers=1, busy=1)
         assert renewed == {(held, 1)}
     # the orphan (claimed, but no longer tracked by its process) expires and is rescued
     rescued = dict(await store.rescue_expired())
     assert rescued == {orphan: TaskStatus.RETRYING, expired: TaskStatus.RETRYING}
-    assert await store.heartbeat(0.3, [(held, 2)], workers=1, busy=1) == set(), "another attempt's lease"
+    assert (await store.heartbeat(0.3, [(held, 2)], workers=1, busy=1))[0] == set(), "another attempt's lease"
     (process,) = await store.live_processes(60)
     assert process["id"] == "test-a" and process["busy"] == 1
 
 
 async def test_one_outcome_batch_writes_what_is_current_and_fences_the_rest(store: Store) -> None:
-    ids = await store.submit_many([new() for _ in range(4)])
+    ids = await submit_ids(store, [new() for _ in range(4)])
     await store.claim(4, ["echo"], 30)
     outcomes = [Outcome(ids[0], 1, TaskStatus.COMPLETED, result_json="0"),
                 Outcome(ids[1], 2, TaskStatus.COMPLETED, result_json="1"),  # stale attempt
@@ -235,7 +239,7 @@ async def test_one_outcome_batch_writes_what_is_current_and_fences_the_rest(stor
 
 
 async def test_a_refused_outcome_is_retried_when_retries_remain(store: Store) -> None:
-    (task_id,) = await store.submit_many([new()])
+    (task_id,) = await submit_ids(store, [new()])
     await store.claim(1, ["echo"], 30)
     await finish(store, Outcome(task_id, 1, TaskStatus.COMPLETED, result_json="{", retry_delay=0, may_retry=True))
     task = await store.get(task_id)
@@ -245,14 +249,14 @@ async def test_a_refused_outcome_is_retried_when_retries_remain(store: Store) ->
 
 
 async def test_notify_wakes_a_waiting_claimer(store: Store) -> None:
-    store.clear_new_work()
+    signal = store.work_signal()
     with trio.move_on_after(0.2):
-        await store.wait_for_work()
+        await signal.wait()
         raise AssertionError("woke with nothing inserted")
     sent = trio.current_time()
     await store.submit(new())
     with trio.fail_after(2):
-        await store.wait_for_work()
+        await signal.wait()
     assert trio.current_time() - sent < 0.5
 
 
@@ -260,7 +264,7 @@ async def test_deleting_a_running_task_notifies_its_process(store: Store) -> Non
     cancelled: list[int] = []
     notified = trio.Event()
     store.on_cancel(lambda task_id: (cancelled.append(task_id), notified.set()))
-    a, b = await store.submit_many([new(), new()])
+    a, b = await submit_ids(store, [new(), new()])
     await store.claim(1, ["echo"], 30)
     assert await store.delete(b) == TaskStatus.PENDING
     assert await store.delete(a) == TaskStatus.RUNNING
@@ -272,7 +276,7 @@ async def test_deleting_a_running_task_notifies_its_process(store: Store) -> Non
 
 
 async def test_wait_finished_returns_when_the_outcome_is_written(store: Store) -> None:
-    (task_id,) = await store.submit_many([new()])
+    (task_id,) = await submit_ids(store, [new()])
     await store.claim(1, ["echo"], 30)
     finished_at: list[float] = []
 
@@ -289,14 +293,14 @@ async def test_wait_finished_returns_when_the_outcome_is_written(store: Store) -
     assert task and task.result == 7
     # Woken by the write itself, well before the 0.25 s poll that covers other processes.
     assert returned_at - finished_at[0] < 0.1
-    pending = (await store.submit_many([new()]))[0]
+    pending = (await submit_ids(store, [new()]))[0]
     start = trio.current_time()
     task = await store.wait_finished(pending, 0.3)
     assert task and task.status == TaskStatus.PENDING and 0.25 < trio.current_time() - start < 1
 
 
 async def test_list_pages_newest_first(store: Store) -> None:
-    ids = await store.submit_many([new("echo"), new("sleep"), new("echo")])
+    ids = await submit_ids(store, [new("echo"), new("sleep"), new("echo")])
     page = await store.list_tasks(status=None, task_type="echo", before_id=None, limit=10)
     assert [t.id for t in page] == [ids[2], ids[0]]
     page = await store.list_tasks(status="pending", task_type=None, before_id=ids[2], limit=1)
@@ -304,7 +308,7 @@ async def test_list_pages_newest_first(store: Store) -> None:
 
 
 async def test_stats_queries(store: Store) -> None:
-    ids = await store.submit_many([new() for _ in range(3)])
+    ids = await submit_ids(store, [new() for _ in range(3)])
     claimed = await store.claim(3, ["echo"], 30)
     await finish(store, Outcome(claimed[0].id, 1, TaskStatus.COMPLETED, result_json="1"))
     await finish(store, Outcome(claimed[1].id, 1, TaskStatus.FAILED, error_json='{"type": "E"}'))
@@ -347,14 +351,15 @@ async def test_listening_resumes_after_the_connection_is_lost(store: Store, data
     (killed,) = await raw(database_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                         "WHERE datname = current_database() AND query LIKE 'LISTEN%'")
     assert killed and killed[0][0] is True
+    signal = store.work_signal()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(store.keep_listening, 0.05)
         with trio.fail_after(5):
-            await store.wait_for_work()  # woken once listening again, to look for missed work
-        store.clear_new_work()
+            await signal.wait()  # woken once listening again, to look for missed work
+        signal.clear()
         await store.submit(new())
         with trio.fail_after(5):
-            await store.wait_for_work()
+            await signal.wait()
         nursery.cancel_scope.cancel()
 
 
@@ -372,7 +377,7 @@ async def test_ready_means_the_database_takes_writes(store: Store, database_url:
 
 async def test_higher_priorities_are_claimed_first_and_equal_ones_in_submission_order(store: Store) -> None:
     priorities = [0, 5, -100, 5, 100, 0, -1]
-    ids = await store.submit_many([
+    ids = await submit_ids(store, [
         client.prepare("echo", {"i": i}, priority=p, settings=Settings()) for i, p in enumerate(priorities)])
     order = [t.id for t in await store.claim(3, ["echo"], 30)] + [t.id for t in await store.claim(10, ["echo"], 30)]
     by_priority = sorted(range(len(ids)), key=lambda i: (-priorities[i], i))
@@ -384,7 +389,7 @@ async def test_higher_priorities_are_claimed_first_and_equal_ones_in_submission_
 async def test_a_scheduled_task_is_reported_scheduled_and_claimed_only_once_due(store: Store) -> None:
     import datetime as dt
 
-    later, past = await store.submit_many([
+    later, past = await submit_ids(store, [
         client.prepare("echo", {}, delay_seconds=0.6, settings=Settings()),
         client.prepare("echo", {}, run_at=dt.datetime(2001, 1, 1, tzinfo=dt.UTC), settings=Settings())])
     task = await store.get(later)
@@ -406,7 +411,7 @@ async def test_a_scheduled_task_is_reported_scheduled_and_claimed_only_once_due(
 
 
 async def test_a_snooze_is_counted_apart_and_spends_no_retry(store: Store) -> None:
-    (task_id,) = await store.submit_many([new(max_retries=0)])
+    (task_id,) = await submit_ids(store, [new(max_retries=0)])
     (first,) = await store.claim(1, ["echo"], 30)
     written = await store._finish_batch([Outcome(task_id, 1, TaskStatus.RETRYING, retry_delay=0.0, snoozed=True)])
     assert written == [True]

@@ -4,9 +4,10 @@ from typing import Any
 
 import pytest
 
-from taskd import api, builtin_tasks  # noqa: F401  (registers the built-in types)
-from taskd.api import create_app
+from taskd import builtin_tasks  # noqa: F401  (registers the built-in types)
 from taskd.config import Settings
+from taskd.http import create_app
+from taskd.http import tasks as http_tasks
 from taskd.models import Task, WorkerGauge
 from taskd.registry import default_registry
 
@@ -118,7 +119,7 @@ async def test_batch_is_all_or_nothing_and_names_the_bad_index(client: Any, stor
     tasks = [{"task_type": "echo", "payload": {"i": i}} for i in range(3)]
     response = await post(client, "/tasks/batch", {"tasks": tasks})
     assert response.status_code == 201
-    assert await response.get_json() == {"ids": [1, 2, 3], "count": 3}
+    assert await response.get_json() == {"ids": [1, 2, 3], "count": 3, "created": [True, True, True]}
 
 
 async def test_batch_over_1000_items_is_rejected() -> None:
@@ -168,10 +169,10 @@ async def test_list_filters_and_pages_with_a_cursor(client: Any, store: FakeStor
 
 
 SUMMARY_KEYS = {"id", "task_type", "status", "attempts", "max_retries", "crashes", "created_at", "started_at",
-                "finished_at", "last_error", "priority", "run_at"}
+                "finished_at", "last_error", "priority", "run_at", "queue"}
 FULL_KEYS = {"id", "task_type", "status", "payload", "result", "attempts", "max_retries", "crashes",
              "timeout_seconds", "created_at", "started_at", "finished_at", "last_error", "errors", "priority",
-             "run_at"}
+             "run_at", "queue", "expires_at", "idempotency_key", "cancel_requested_at", "progress"}
 
 
 async def test_list_gives_summaries_by_default_and_full_tasks_on_request(client: Any, store: FakeStore) -> None:
@@ -196,7 +197,7 @@ async def test_list_gives_summaries_by_default_and_full_tasks_on_request(client:
 async def test_a_full_page_is_cut_by_size_and_the_cursor_leads_on(
     client: Any, store: FakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(api, "FULL_PAGE_BYTES", 2500)
+    monkeypatch.setattr(http_tasks, "FULL_PAGE_BYTES", 2500)
     for i in range(5):
         store.add("echo", {"i": i, "pad": "p" * 1000})
     seen: list[int] = []
@@ -210,7 +211,7 @@ async def test_a_full_page_is_cut_by_size_and_the_cursor_leads_on(
         assert page["next_cursor"] == str(page["items"][-1]["id"])
         cursor = f"&cursor={page['next_cursor']}"
     assert seen == [5, 4, 3, 2, 1]
-    monkeypatch.setattr(api, "FULL_PAGE_BYTES", 10)
+    monkeypatch.setattr(http_tasks, "FULL_PAGE_BYTES", 10)
     page = await (await client.get("/tasks?full=true")).get_json()
     assert [t["id"] for t in page["items"]] == [5] and page["next_cursor"] == "5", "one row even if larger"
 

@@ -113,11 +113,7 @@ def _registry(behaviours: dict[int, Any]) -> Registry:
 
 def _start(nursery: trio.Nursery, pool: WorkerPool, *, heartbeat: bool = False) -> None:
     """The claim loop and one worker loop per slot, as the server starts them."""
-    send, receive = pool.open_channel()
-    with receive:
-        for _ in range(pool.size):
-            nursery.start_soon(pool.work_loop, receive.clone())
-    nursery.start_soon(pool.claim_loop, send)
+    pool.start_claiming(nursery, pool.start_workers(nursery))
     if heartbeat:
         nursery.start_soon(pool.heartbeat_loop)
 

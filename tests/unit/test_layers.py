@@ -16,6 +16,6 @@ def test_import_layers_contract_is_kept() -> None:
 
 
 def test_nurseries_are_opened_only_in_the_composition_root() -> None:
-    offenders = [p.name for p in (ROOT / "taskd").glob("*.py")
+    offenders = [p.name for p in (ROOT / "taskd").rglob("*.py")
                  if "open_nursery" in p.read_text() and p.name != "server.py"]
     assert offenders == []

@@ -6,7 +6,7 @@ import pytest
 from taskd import sql, store
 from taskd.errors import SqlFileError
 
-TASKD = pathlib.Path(store.__file__).parent
+TASKD = pathlib.Path(store.__file__).parents[1]
 
 
 def test_parses_header_description_and_body() -> None:
@@ -52,7 +52,7 @@ def test_shipped_migrations_load_in_order() -> None:
 def test_every_query_store_needs_exists_and_every_query_is_used() -> None:
     loaded = set(sql.queries())
     assert store.QUERIES_USED <= loaded
-    python = "\n".join(p.read_text() for p in TASKD.glob("*.py"))
+    python = "\n".join(p.read_text() for p in TASKD.rglob("*.py"))
     unused = {name for name in loaded if not re.search(rf"\[\"{name}\"\]", python)}
     assert not unused, f"queries nobody runs: {unused}"
     undeclared = set(re.findall(r'_q\["(\w+)"\]|queries\["(\w+)"\]', python))

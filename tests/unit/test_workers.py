@@ -49,11 +49,7 @@ def new_pool(store: FakeStore, size: int, registry: Registry | None = None, **se
 
 def start_pool(nursery: trio.Nursery, pool: WorkerPool) -> None:
     """Start the claim loop and the worker loops as the server does."""
-    send, receive = pool.open_channel()
-    with receive:
-        for _ in range(pool.size):
-            nursery.start_soon(pool.work_loop, receive.clone())
-    nursery.start_soon(pool.claim_loop, send)
+    pool.start_claiming(nursery, pool.start_workers(nursery))
 
 
 async def run_pool(store: FakeStore, registry: Registry, settings: Settings, until: trio.Event) -> WorkerPool:
@@ -188,16 +184,17 @@ async def test_heartbeat_renews_what_is_held_and_cancels_a_lost_lease(autojump_c
     assert store.outcomes == [], "the lost attempt records nothing"
 
 
-async def test_a_task_deleted_before_its_claim_lands_never_runs(autojump_clock: trio.abc.Clock) -> None:
+async def test_a_task_cancelled_before_its_claim_lands_never_runs(autojump_clock: trio.abc.Clock) -> None:
     store, log = FakeStore(), []
     task_id = store.add("ok", {})
     pool = new_pool(store, 1, registry=make_registry(log))
-    pool._cancel_deleted(task_id)  # the notice overtakes the claim
+    pool._cancel_running(task_id)  # the notice overtakes the claim
     async with trio.open_nursery() as nursery:
         start_pool(nursery, pool)
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
     assert log == [] and pool.unfinished() == []
+    assert store.tasks[task_id]["status"] == "cancelled"
 
 
 async def test_a_result_postgres_cannot_store_fails_the_attempt(autojump_clock: trio.abc.Clock) -> None:

@@ -1,13 +1,15 @@
-"""The Store: the only place that speaks SQL, and the "new work" signal.
+"""The Store's core: its connections, the hot paths of submitting, claiming and finishing,
+leases, and the "new work" and cancel signals.
 
-The HTTP layer and the workers meet here and nowhere else. Hot paths hold
+Hot paths hold
 dedicated connections and batch: concurrent submits are coalesced into one
 multi-row INSERT, outcomes of many attempts into one fenced UPDATE, and one
 claim statement fetches work for every free worker slot. LISTEN/NOTIFY wakes
-idle claimers and cancels deleted running tasks in whichever process runs them.
+idle claimers and cancels running tasks (deleted, or cancelled on request) in whichever
+process runs them.
 
-Imports taskd.db, taskd.connections (the connections it runs queries on), taskd.rows
-(rows as models), taskd.sql, taskd.migrations, taskd.models, taskd.errors, taskd.jsontext.
+Imports taskd.db, taskd.connections (the connections it runs queries on), taskd.sql,
+taskd.migrations, taskd.models, taskd.errors, taskd.jsontext.
 """
 
 from __future__ import annotations
@@ -16,19 +18,18 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, Self
 
 import trio
 
 from taskd import db, jsontext, sql
 from taskd.coalescer import Coalescer
 from taskd.connections import Dedicated, TrackedPool
-from taskd.errors import DatabaseError, DatabaseUnavailable, SqlFileError
+from taskd.errors import DatabaseError, DatabaseUnavailable, IdempotencyConflict, SqlFileError
 from taskd.migrations import apply_migrations
-from taskd.models import ClaimedTask, NewTask, Outcome, Task, TaskPage, TaskStatus, TaskSummary, attempt_error
+from taskd.models import ClaimedTask, NewTask, Outcome, Submitted, TaskStatus, attempt_error
 from taskd.outage import OutageLog
-from taskd.rows import summary_from_row, task_from_row
 
 log = logging.getLogger("taskd.store")
 
@@ -38,8 +39,7 @@ INSERT_BATCH = 500
 INSERT_WINDOW = 0.002
 FINISH_BATCH = 500
 FINISH_WINDOW = 0.002
-TIMINGS_WINDOW_SECONDS = 3600.0
-TIMELINE_SECONDS = 900.0
+EXPIRE_BATCH = 1000
 
 # The claimer's session. A claim lost to a database crash leaves its tasks pending
 # (or runs one again): at-least-once either way, so claims need not wait for their
@@ -47,29 +47,32 @@ TIMELINE_SECONDS = 900.0
 # order whatever the statistics say: on a table not yet analyzed (a new database,
 # a sudden burst) the planner otherwise sorts every runnable row on each claim
 # (measured: 16 ms instead of 1.7 ms per claim of 50 with 20,000 waiting).
+# JIT stays off: a scan these settings penalise (the few rows of taskd.queues, read for
+# the paused ones) makes a cheap plan look costly enough to compile, and compiling
+# costs 200 ms on every claim (measured).
 CLAIMER_SETTINGS = {
     "synchronous_commit": "off",
     "enable_sort": "off",
     "enable_bitmapscan": "off",
     "enable_seqscan": "off",
+    "jit": "off",
 }
 
 # The outcome writer's session (and the heartbeat's): look each row up by primary
 # key, never join a batch against a scan, whatever the statistics say (they lag
 # behind a queue whose rows all change status within seconds).
 FINISHER_SETTINGS = {
+    "jit": "off",  # as for the claimer: a penalised scan must not make a plan look worth compiling
     "enable_seqscan": "off",
     "enable_bitmapscan": "off",
     "enable_hashjoin": "off",
     "enable_mergejoin": "off",
 }
 
-QUERIES_USED = frozenset({
-    "task_insert_many", "task_claim_many", "task_next_due", "task_finish_many", "task_release_many",
-    "task_extend_leases", "task_rescue_expired", "task_get", "task_list", "task_list_sizes", "task_list_full",
-    "task_delete",
-    "process_heartbeat", "process_remove", "process_list_live", "process_prune",
-    "stats_counts", "stats_recent", "stats_by_type", "stats_timings_by_type", "stats_timeline", "db_ping",
+CORE_QUERIES = frozenset({
+    "task_insert_many", "task_by_idempotency_keys", "task_claim_many", "task_next_due", "task_finish_many",
+    "task_release_many", "task_extend_leases", "task_progress_many", "task_rescue_expired", "task_expire",
+    "process_heartbeat", "process_remove", "process_prune",
     "migration_lock", "migration_unlock", "migration_prepare", "migration_applied", "migration_record",
 })
 
@@ -79,8 +82,29 @@ def new_process_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
-class Store:
-    """Every SQL statement taskd runs, one method per named query."""
+class WorkSignal:
+    """Wakes one claim loop when new work may be there: tasks inserted, a queue resumed,
+    or something it had to skip became claimable."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        """Forget notices received so far; call just before claiming."""
+        if self._event.is_set():
+            self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class StoreCore:
+    """The connections, the hot paths and the signals; the Store adds the reads and controls."""
+
+    queries_used: frozenset[str] = CORE_QUERIES
 
     def __init__(self, url: str, pool: db.Pool, *, process_id: str) -> None:
         self.url = url
@@ -94,14 +118,14 @@ class Store:
         # Its own connection, so HTTP reads filling the pool cannot make leases lapse.
         self._heartbeat = Dedicated(url, "heartbeat", self.outage, FINISHER_SETTINGS)
         self._listener = Dedicated(url, "listener", self.outage)
-        self._new_work = trio.Event()
+        self._signals: list[WorkSignal] = []
         self._cancel_callbacks: list[Callable[[int], None]] = []
         self._written_callbacks: list[Callable[[Sequence[Outcome], set[tuple[int, int]]], None]] = []
         self._outcome_retries_stopped = False
         self._finish_events: dict[int, trio.Event] = {}
         # Past the driver's own timeouts (connect, then the statement), so a hung database
         # reaches a client as the driver's timeout: unavailable, 503.
-        self.inserts: Coalescer[NewTask, int] = Coalescer(
+        self.inserts: Coalescer[NewTask, Submitted] = Coalescer(
             self._insert_batch, max_items=INSERT_BATCH, window=INSERT_WINDOW, name="inserter",
             flush_timeout=db.CONNECT_TIMEOUT + db.COMMAND_TIMEOUT + 10.0)
         # No flush timeout: an outcome is kept and retried until the database takes
@@ -113,9 +137,9 @@ class Store:
     # -- life cycle -------------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, url: str, *, pool_size: int, process_id: str | None = None) -> Store:
+    async def open(cls, url: str, *, pool_size: int, process_id: str | None = None) -> Self:
         """Connect, apply migrations and start listening; the caller closes it."""
-        missing = QUERIES_USED - set(sql.queries())
+        missing = cls.queries_used - set(sql.queries())
         if missing:
             raise SqlFileError(f"queries missing from sql/: {', '.join(sorted(missing))}")
         conn = await db.connect(url)
@@ -154,7 +178,7 @@ class Store:
                 log.debug("listening again failed: %s", exc)
                 continue
             log.info("listening for new work again")
-            self._new_work.set()
+            self.wake_claimer()
 
     async def close(self) -> None:
         """Close every connection (shielded and bounded inside db)."""
@@ -165,7 +189,7 @@ class Store:
     # -- signals ----------------------------------------------------------------------------------
 
     def _on_new_work(self, _payload: str) -> None:
-        self._new_work.set()
+        self.wake_claimer()
 
     def _on_cancel(self, payload: str) -> None:
         try:
@@ -177,21 +201,19 @@ class Store:
         self._signal_finished([task_id])
 
     def on_cancel(self, callback: Callable[[int], None]) -> None:
-        """Call callback(task_id) when a running task is deleted, in any process."""
+        """Call callback(task_id) when a running task is deleted or its cancel is asked for, in any process."""
         self._cancel_callbacks.append(callback)
 
-    async def wait_for_work(self) -> None:
-        """Return when new tasks were inserted since the last call (callers bound it with a timeout)."""
-        await self._new_work.wait()
+    def work_signal(self) -> WorkSignal:
+        """A signal for one claim loop, set whenever new work may be there."""
+        signal = WorkSignal()
+        self._signals.append(signal)
+        return signal
 
     def wake_claimer(self) -> None:
-        """Make the claimer look for work now (something it had to skip became claimable)."""
-        self._new_work.set()
-
-    def clear_new_work(self) -> None:
-        """Forget notifications received so far; call just before claiming."""
-        if self._new_work.is_set():
-            self._new_work = trio.Event()
+        """Make every claim loop look for work now."""
+        for signal in self._signals:
+            signal.set()
 
     def _signal_finished(self, task_ids: Sequence[int]) -> None:
         for task_id in task_ids:
@@ -201,33 +223,38 @@ class Store:
 
     # -- submitting -------------------------------------------------------------------------------
 
-    async def submit(self, task: NewTask) -> int:
-        """Insert one task, coalesced with concurrent submits into one statement; returns its id."""
+    async def submit(self, task: NewTask) -> Submitted:
+        """Insert one task, coalesced with concurrent submits into one statement. A task whose
+        idempotency key is taken is not inserted: the task holding the key is returned
+        (created False), or IdempotencyConflict raised if another request made it."""
         try:
             return await self.inserts.submit(task)
         except trio.TooSlowError:
             raise DatabaseUnavailable("the database did not answer in time") from None
 
-    async def submit_many(self, tasks: Sequence[NewTask]) -> list[int]:
-        """Insert tasks in one statement, all or nothing; ids in the order given."""
-        rows = await self._pool.run(self._q["task_insert_many"], *_insert_args(tasks))
-        return sorted(row["id"] for row in rows)
+    async def submit_many(self, tasks: Sequence[NewTask]) -> list[Submitted]:
+        """Insert tasks in one transaction, all or nothing (IdempotencyConflict if any key was
+        used by another request); in the order given."""
+        async with self._pool.transaction() as conn:
+            results = await insert_tasks(conn, self._q, tasks)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        return [r for r in results if isinstance(r, Submitted)]
 
-    async def _insert_batch(self, tasks: Sequence[NewTask]) -> Sequence[int | BaseException]:
+    async def _insert_batch(self, tasks: Sequence[NewTask]) -> Sequence[Submitted | BaseException]:
         try:
-            rows = await self._inserter.run(self._q["task_insert_many"], *_insert_args(tasks))
-            return sorted(row["id"] for row in rows)
+            return await insert_tasks(self._inserter, self._q, tasks)
         except DatabaseUnavailable:
             raise
         except DatabaseError:
             if len(tasks) == 1:
                 raise
         # One bad row failed the batch: insert one by one so each request gets its own answer.
-        results: list[int | BaseException] = []
+        results: list[Submitted | BaseException] = []
         for task in tasks:
             try:
-                rows = await self._inserter.run(self._q["task_insert_many"], *_insert_args([task]))
-                results.append(rows[0]["id"])
+                results.extend(await insert_tasks(self._inserter, self._q, [task]))
             except DatabaseError as exc:
                 results.append(exc)
         return results
@@ -235,20 +262,25 @@ class Store:
     # -- claiming and finishing -------------------------------------------------------------------
 
     async def claim(self, limit: int, task_types: Sequence[str], lease_seconds: float,
-                    skip: Sequence[int] = ()) -> list[ClaimedTask]:
-        """Lease up to `limit` runnable tasks of the given types, except those in `skip`, to this process."""
+                    skip: Sequence[int] = (), queues: Sequence[str] | None = None) -> list[ClaimedTask]:
+        """Lease up to `limit` runnable tasks of the given types and queues (None: any queue not
+        paused), except those in `skip`, to this process."""
         rows = await self._claimer.run(
-            self._q["task_claim_many"], self.process_id, limit, list(task_types), lease_seconds, list(skip))
+            self._q["task_claim_many"], self.process_id, limit, list(task_types), lease_seconds, list(skip),
+            None if queues is None else list(queues))
         return [
             ClaimedTask(row["id"], row["task_type"], row["payload"], row["attempts"],
-                        row["max_retries"], row["timeout_seconds"], row["crashes"], row["snoozes"])
+                        row["max_retries"], row["timeout_seconds"], row["crashes"], row["snoozes"],
+                        row["attempts_forgiven"])
             for row in rows
         ]
 
-    async def seconds_until_due(self, task_types: Sequence[str], skip: Sequence[int] = ()) -> float | None:
-        """Seconds until the next waiting task of these types (not in `skip`) is due, by the
-        database's clock (zero or less: due now; None: nothing is waiting)."""
-        return await self._claimer.run(self._q["task_next_due"], list(task_types), list(skip))
+    async def seconds_until_due(self, task_types: Sequence[str], skip: Sequence[int] = (),
+                                queues: Sequence[str] | None = None) -> float | None:
+        """Seconds until the next task the same claim could take falls due, by the database's
+        clock (zero or less: due now; None: nothing is waiting)."""
+        return await self._claimer.run(self._q["task_next_due"], list(task_types), list(skip),
+                                       None if queues is None else list(queues))
 
     async def record(self, outcome: Outcome) -> None:
         """Hand an attempt's outcome to the next batch without waiting for it to be written."""
@@ -288,7 +320,11 @@ class Store:
                         log.error("task %d attempt %d: could not record the refusal either: %s",
                                   outcome.task_id, outcome.attempt, again)
         for o in outcomes:
-            if (o.task_id, o.attempt) not in written:
+            if (o.task_id, o.attempt) in written:
+                continue
+            if o.status == TaskStatus.CANCELLED:
+                log.info("task %d was deleted while running; cancelled", o.task_id)
+            else:
                 log.warning("task %d attempt %d finished after this process lost its lease (or the task was "
                             "deleted); outcome discarded", o.task_id, o.attempt)
         for callback in self._written_callbacks:
@@ -310,6 +346,7 @@ class Store:
             [o.retry_delay for o in outcomes],
             [o.crashed for o in outcomes],
             [o.snoozed for o in outcomes],
+            [o.progress_json for o in outcomes],
         )
         delay = 0.1
         while True:
@@ -338,14 +375,29 @@ class Store:
 
     async def heartbeat(
         self, lease_seconds: float, held: Sequence[tuple[int, int]], workers: int, busy: int
-    ) -> set[tuple[int, int]]:
+    ) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
         """Renew the leases of the held (task id, attempt) pairs and record that this process
-        is alive; returns the pairs whose lease was renewed."""
+        is alive; returns the pairs whose lease was renewed, and those of them whose cancel
+        was asked for."""
         rows = await self._heartbeat.run(self._q["task_extend_leases"], self.process_id, lease_seconds,
                                          [h[0] for h in held], [h[1] for h in held])
         await self._heartbeat.run(self._q["process_heartbeat"], self.process_id, socket.gethostname(),
                                   os.getpid(), workers, busy)
-        return {(row["id"], row["attempts"]) for row in rows}
+        renewed = {(row["id"], row["attempts"]) for row in rows}
+        return renewed, {(row["id"], row["attempts"]) for row in rows if row["cancel_requested"]}
+
+    async def write_progress(self, progress: Sequence[tuple[int, int, str]]) -> None:
+        """Store handlers' latest progress, (task id, attempt, JSON text) each, in one statement,
+        on the heartbeat's connection (HTTP reads filling the pool cannot hold it up)."""
+        if progress:
+            await self._heartbeat.run(self._q["task_progress_many"], self.process_id, [p[0] for p in progress],
+                                      [p[1] for p in progress], [p[2] for p in progress])
+
+    async def expire_due(self, limit: int = EXPIRE_BATCH) -> list[int]:
+        """End waiting tasks past their expiry as expired (at most `limit`); their ids."""
+        rows = await self._pool.run(self._q["task_expire"], limit)
+        self._signal_finished([row["id"] for row in rows])
+        return [row["id"] for row in rows]
 
     async def remove_process(self) -> None:
         await self._pool.run(self._q["process_remove"], self.process_id)
@@ -358,109 +410,15 @@ class Store:
         rows = await self._pool.run(self._q["task_rescue_expired"], self.process_id, list(keep), fail_at)
         self._signal_finished([row["id"] for row in rows if row["status"] == TaskStatus.FAILED])
         if rows:
-            self._new_work.set()
+            self.wake_claimer()
         return [(row["id"], TaskStatus(row["status"])) for row in rows]
 
     async def prune_processes(self, older_than: float) -> None:
         await self._pool.run(self._q["process_prune"], older_than)
 
-    async def live_processes(self, seen_within: float) -> list[dict[str, Any]]:
-        rows = await self._pool.run(self._q["process_list_live"], seen_within)
-        return [dict(row) for row in rows]
 
-    # -- reading ----------------------------------------------------------------------------------
-
-    async def get(self, task_id: int) -> Task | None:
-        row = await self._pool.run(self._q["task_get"], task_id)
-        return None if row is None else task_from_row(row)
-
-    async def list_summaries(
-        self, *, status: str | None, task_type: str | None, before_id: int | None, limit: int
-    ) -> list[TaskSummary]:
-        """Up to `limit` task summaries, newest first; payloads, results and error histories are not read."""
-        rows = await self._pool.run(self._q["task_list"], status, task_type, before_id, limit)
-        return [summary_from_row(row) for row in rows]
-
-    async def list_tasks(
-        self, *, status: str | None, task_type: str | None, before_id: int | None, limit: int,
-        max_bytes: int | None = None,
-    ) -> TaskPage:
-        """Up to `limit` full tasks, newest first, cut short once their JSON would pass
-        `max_bytes` (but never empty while any is left)."""
-        # Sizes first, so what this process fetches is bounded by max_bytes (plus
-        # one row, should the first alone be larger), not by limit x the largest row.
-        sizes = await self._pool.run(self._q["task_list_sizes"], status, task_type, before_id, limit)
-        chosen: list[int] = []
-        total = 0
-        for row in sizes:
-            total += row["json_bytes"]
-            if chosen and max_bytes is not None and total > max_bytes:
-                break
-            chosen.append(row["id"])
-        more = len(chosen) < len(sizes) or len(sizes) == limit
-        rows = await self._pool.run(self._q["task_list_full"], chosen) if chosen else []
-        return TaskPage([task_from_row(row) for row in rows], chosen[-1] if more else None)
-
-    async def delete(self, task_id: int) -> TaskStatus | None:
-        """Delete a task; returns the status it had, None if there was none."""
-        status = await self._pool.run(self._q["task_delete"], task_id)
-        if status is None:
-            return None
-        self._signal_finished([task_id])
-        return TaskStatus(status)
-
-    async def wait_finished(self, task_id: int, seconds: float) -> Task | None:
-        """The task once it is completed or failed, or as it is after `seconds`."""
-        deadline = trio.current_time() + seconds
-        # Registered before reading, so a finish between the read and the wait is not
-        # missed; the short poll covers tasks finished by other processes.
-        event = self._finish_events.setdefault(task_id, trio.Event())
-        try:
-            while True:
-                task = await self.get(task_id)
-                remaining = deadline - trio.current_time()
-                if task is None or task.finished or remaining <= 0:
-                    return task
-                with trio.move_on_after(min(remaining, 0.25)):
-                    await event.wait()
-                if event.is_set():
-                    event = self._finish_events.setdefault(task_id, trio.Event())
-        finally:
-            # Drop the registration unless another waiter still shares it.
-            if self._finish_events.get(task_id) is event and not event.statistics().tasks_waiting:
-                del self._finish_events[task_id]
-
-    async def ping(self) -> bool:
-        try:
-            with trio.fail_after(2):
-                return await self._pool.run(self._q["db_ping"]) is True
-        except (DatabaseError, trio.TooSlowError):
-            return False
-
-    def pool_usage(self) -> dict[str, int]:
-        return self._pool.usage()
-
-    async def counts(self) -> dict[str, int]:
-        rows = await self._pool.run(self._q["stats_counts"])
-        counts = {status.value: 0 for status in TaskStatus}
-        counts.update({row["status"]: row["n"] for row in rows})
-        return counts
-
-    async def recent(self, seconds: float) -> dict[str, int]:
-        row = await self._pool.run(self._q["stats_recent"], seconds)
-        return {"completed": row["completed"], "failed": row["failed"]}
-
-    async def by_type(self) -> list[dict[str, Any]]:
-        return [dict(row) for row in await self._pool.run(self._q["stats_by_type"])]
-
-    async def timings_by_type(self, seconds: float = TIMINGS_WINDOW_SECONDS) -> list[dict[str, Any]]:
-        return [dict(row) for row in await self._pool.run(self._q["stats_timings_by_type"], seconds)]
-
-    async def timeline(self, seconds: float = TIMELINE_SECONDS) -> list[dict[str, Any]]:
-        return [dict(row) for row in await self._pool.run(self._q["stats_timeline"], seconds)]
-
-
-def _insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
+def insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
+    """task_insert_many's arguments (taskd.enqueue passes the same)."""
     return (
         [t.task_type for t in tasks],
         [t.payload_json for t in tasks],
@@ -469,7 +427,57 @@ def _insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
         [t.priority for t in tasks],
         [t.run_at for t in tasks],
         [t.delay_seconds for t in tasks],
+        [t.queue for t in tasks],
+        [t.expires_at for t in tasks],
+        [t.expires_in_seconds for t in tasks],
+        [t.idempotency_key for t in tasks],
+        [t.idempotency_hash for t in tasks],
     )
+
+
+class Runner(Protocol):
+    """Runs a named query (a Store connection, or the adapter taskd.enqueue puts on a caller's)."""
+
+    async def run(self, query: sql.Query, *args: Any) -> Any: ...
+
+
+async def insert_tasks(runner: Runner, queries: Mapping[str, sql.Query],
+                  tasks: Sequence[NewTask]) -> list[Submitted | BaseException]:
+    """Insert in one statement; a task whose idempotency key is taken gets the task that holds
+    it, or IdempotencyConflict if that one came from another request."""
+    rows = await runner.run(queries["task_insert_many"], *insert_args(tasks))
+    # Rows without a key cannot be skipped, and their ids follow the order given.
+    plain = iter(sorted(row["id"] for row in rows if row["idempotency_key"] is None))
+    made = {row["idempotency_key"]: row for row in rows if row["idempotency_key"] is not None}
+    keyed = [t.idempotency_key for t in tasks if t.idempotency_key is not None]
+    held: dict[str, Any] = {}
+    missing = sorted(set(keyed) - set(made))
+    if missing:
+        held = {row["idempotency_key"]: row
+                for row in await runner.run(queries["task_by_idempotency_keys"], missing)}
+    results: list[Submitted | BaseException] = []
+    for task in tasks:
+        key = task.idempotency_key
+        if key is None:
+            results.append(Submitted(next(plain), True, _initial_status(task)))
+            continue
+        row = made.get(key) or held.get(key)
+        if row is None:
+            # Its holder was deleted between the insert and the look-up: a rare race; the
+            # client may simply send again.
+            results.append(DatabaseUnavailable("the task holding this idempotency key changed; try again"))
+        elif row["idempotency_hash"] != task.idempotency_hash:
+            results.append(IdempotencyConflict(key, row["id"]))
+        else:
+            # Of the requests with the body that made the row, the first made it; the rest repeat it.
+            created = made.pop(key, None) is not None
+            held[key] = row
+            results.append(Submitted(row["id"], created, TaskStatus(row["status"])))
+    return results
+
+
+def _initial_status(task: NewTask) -> TaskStatus:
+    return TaskStatus.SCHEDULED if task.starts_later else TaskStatus.PENDING
 
 
 def _unstorable(outcome: Outcome, exc: Exception) -> Outcome:
