@@ -177,3 +177,70 @@ async def control(payload: dict[str, Any], ctx: taskd.TaskContext) -> str:
     if payload.get("do") == "retry":
         raise taskd.Retry(after=12)
     return "done"
+
+
+# -- steering (queues, cancel, progress, uniqueness) ----------------------------------------------
+
+
+def _touch(directory: str | None, name: str) -> None:
+    if directory:
+        (pathlib.Path(directory) / name).touch()
+
+
+@taskd.task("hold")
+async def hold(payload: dict[str, Any], ctx: taskd.TaskContext) -> dict[str, int]:
+    """Writes payload.dir/start-<id>-<pid> and waits until payload.dir/release exists (or
+    payload.seconds pass), then writes end-<id>: a test sees what runs where and for how long."""
+    directory = payload.get("dir")
+    _touch(directory, f"start-{ctx.task_id}-{os.getpid()}")
+    with trio.move_on_after(payload.get("seconds", 3600)):
+        release = trio.Path(directory or "/nonexistent", "release")
+        while not await release.exists():  # noqa: ASYNC110  (the test process creates the file)
+            await trio.sleep(0.02)
+    _touch(directory, f"end-{ctx.task_id}")
+    return {"task_id": ctx.task_id, "pid": os.getpid()}
+
+
+@taskd.task("emails_default", queue="emails", priority=5, max_retries=1)
+async def emails_default(payload: dict[str, Any], ctx: taskd.TaskContext) -> str:
+    """Carries decorator defaults: queue emails, priority 5, max_retries 1."""
+    return "sent"
+
+
+@taskd.task("progress_async")
+async def progress_async(payload: dict[str, Any], ctx: taskd.TaskContext) -> str:
+    """Reports progress in payload.steps steps, payload.pause seconds apart."""
+    steps = payload.get("steps", 4)
+    for step in range(1, steps + 1):
+        await ctx.progress(step / steps, f"step {step} of {steps}")
+        await trio.sleep(payload.get("pause", 0.5))
+    return "done"
+
+
+@taskd.task("progress_sync")
+def progress_sync(payload: dict[str, Any], ctx: taskd.TaskContext) -> str:
+    """Like progress_async, from a plain def (a thread)."""
+    steps = payload.get("steps", 4)
+    for step in range(1, steps + 1):
+        ctx.progress(step / steps, f"sync step {step} of {steps}")
+        time.sleep(payload.get("pause", 0.5))
+    return "done"
+
+
+@taskd.task("cooperative_sync")
+def cooperative_sync(payload: dict[str, Any], ctx: taskd.TaskContext) -> str:
+    """A plain def that checks ctx.cancelled() and stops early, writing payload.dir/stopped-<id>."""
+    _touch(payload.get("dir"), f"start-{ctx.task_id}-{os.getpid()}")
+    deadline = time.monotonic() + payload.get("seconds", 60)
+    while time.monotonic() < deadline:
+        if ctx.cancelled():
+            _touch(payload.get("dir"), f"stopped-{ctx.task_id}")
+            return "stopped"
+        time.sleep(0.02)
+    return "ran out"
+
+
+@taskd.task("unique_report", unique_for=3600)
+async def unique_report(payload: dict[str, Any], ctx: taskd.TaskContext) -> str:
+    """Queued once per hour per payload."""
+    return "reported"
