@@ -90,7 +90,8 @@ class WorkerPool:
         self.lanes = [Lane(None if queue is None else (queue,), size, trio.Semaphore(size), store.work_signal())
                       for queue, size in split]
         self.threads = ThreadTracker(settings.max_threads, on_idle=store.wake_claimer)
-        self._claim_scope = trio.CancelScope()
+        self._claim_scopes: list[trio.CancelScope] = []  # one per lane's claim loop
+        self._claiming_stopped = False
         self._attempts: dict[tuple[int, int], Attempt] = {}
         # Attempts this process gave up on (lease lapsed) whose rows may still be leased
         # to it: handed back, without counting them, once the database answers.
@@ -137,7 +138,9 @@ class WorkerPool:
                       | {a.task.id for a in self._attempts.values() if not a.abandoned})
 
     def stop_claiming(self) -> None:
-        self._claim_scope.cancel()
+        self._claiming_stopped = True
+        for scope in self._claim_scopes:
+            scope.cancel()
 
     def _cancel_running(self, task_id: int) -> None:
         found = False
@@ -253,8 +256,12 @@ class WorkerPool:
         Slots are reserved before the claim is sent and the unused ones returned after,
         so the process never holds more tasks than it has slots to run them.
         """
+        scope = trio.CancelScope()
+        self._claim_scopes.append(scope)
+        if self._claiming_stopped:
+            scope.cancel()
         async with send:
-            with self._claim_scope:
+            with scope:
                 while True:
                     await lane.slots.acquire()  # at least one free slot
                     reserved = 1
