@@ -254,9 +254,15 @@ async def test_openapi_documents_every_route(client: Any) -> None:
     for path, methods in {
         "/tasks": {"post", "get"}, "/tasks/batch": {"post"}, "/tasks/{task_id}": {"get", "delete"},
         "/tasks/{task_id}/result": {"get"}, "/stats": {"get"}, "/stats/detailed": {"get"},
-        "/health": {"get"}, "/ready": {"get"},
+        "/health": {"get"}, "/ready": {"get"}, "/tasks/{task_id}/cancel": {"post"},
+        "/tasks/{task_id}/retry": {"post"}, "/tasks/cancel": {"post"}, "/tasks/retry": {"post"},
+        "/queues": {"get"}, "/queues/{name}/pause": {"post"}, "/queues/{name}/resume": {"post"},
     }.items():
         assert methods <= set(paths[path]), path
+    assert {"200", "201", "409", "422"} <= set(paths["/tasks"]["post"]["responses"])
+    assert {"200", "404", "409"} <= set(paths["/tasks/{task_id}/cancel"]["post"]["responses"])
+    task_in = spec["components"]["schemas"]["TaskIn"]["properties"]
+    assert {"queue", "expires_at", "expires_in_seconds", "idempotency_key"} <= set(task_in)
     assert "TaskIn" in json.dumps(paths["/tasks"]["post"])
     listing = paths["/tasks"]["get"]
     assert "full" in {p["name"] for p in listing["parameters"]} and "8 MB" in listing["description"]
