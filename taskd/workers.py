@@ -97,7 +97,7 @@ class WorkerPool:
         # to it: handed back, without counting them, once the database answers.
         self._to_release: set[tuple[int, int]] = set()
         # Cancels (and deletions) whose notice may arrive before the claim that took the task lands.
-        self._recent_cancels: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._recent_cancels: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
         self.claims = 0
         self.claimed = 0
         store.on_cancel(self._cancel_running)
@@ -142,16 +142,15 @@ class WorkerPool:
         for scope in self._claim_scopes:
             scope.cancel()
 
-    def _cancel_running(self, task_id: int) -> None:
-        found = False
-        for attempt in self.attempts():
-            if attempt.task.id == task_id:
-                found = True
-                attempt.stop(cancelled=True)
-        if not found:
-            self._recent_cancels[task_id] = None
-            if len(self._recent_cancels) > RECENT_CANCELS:
-                self._recent_cancels.popitem(last=False)
+    def _cancel_running(self, task_id: int, attempt_number: int) -> None:
+        attempt = self._attempts.get((task_id, attempt_number))
+        if attempt is not None:
+            attempt.stop(cancelled=True)
+            return
+        # Perhaps its claim has not landed here yet; if it does, it stops at once.
+        self._recent_cancels[(task_id, attempt_number)] = None
+        if len(self._recent_cancels) > RECENT_CANCELS:
+            self._recent_cancels.popitem(last=False)
 
     def _outcomes_written(self, outcomes: Sequence[Outcome], written: set[tuple[int, int]]) -> None:
         # Written or turned away by the fence: either way this process is done with it.
@@ -278,7 +277,7 @@ class WorkerPool:
                     for _ in range(reserved - len(attempts)):
                         lane.slots.release()
                     for attempt in attempts:
-                        if self._recent_cancels.pop(attempt.task.id, "absent") is None:
+                        if self._recent_cancels.pop(attempt.key, "absent") is None:
                             # Cancelled (or deleted) before its claim landed here: never started,
                             # it ends cancelled at once (a deleted row takes no outcome).
                             attempt.cancelled = True

@@ -33,10 +33,19 @@ CREATE TABLE taskd.queues (
 );
 
 -- Cancelling a running task tells the process running it, on the channel a deletion
--- uses: either way that process stops the attempt.
+-- uses: either way that process stops the attempt. The notice names the attempt
+-- ("id:attempt"), so a process that hears it before its claim of that attempt lands
+-- stops that attempt only, never a later one (a cancelled task may be retried).
 CREATE FUNCTION taskd.notify_cancel_requested() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('taskd_cancel', NEW.id::text);
+    PERFORM pg_notify('taskd_cancel', NEW.id::text || ':' || NEW.attempts::text);
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION taskd.notify_cancelled_task() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('taskd_cancel', OLD.id::text || ':' || OLD.attempts::text);
     RETURN NULL;
 END;
 $$;

@@ -119,7 +119,7 @@ class StoreCore:
         self._heartbeat = Dedicated(url, "heartbeat", self.outage, FINISHER_SETTINGS)
         self._listener = Dedicated(url, "listener", self.outage)
         self._signals: list[WorkSignal] = []
-        self._cancel_callbacks: list[Callable[[int], None]] = []
+        self._cancel_callbacks: list[Callable[[int, int], None]] = []
         self._written_callbacks: list[Callable[[Sequence[Outcome], set[tuple[int, int]]], None]] = []
         self._outcome_retries_stopped = False
         self._finish_events: dict[int, trio.Event] = {}
@@ -192,16 +192,18 @@ class StoreCore:
         self.wake_claimer()
 
     def _on_cancel(self, payload: str) -> None:
+        task_id, _, attempt = payload.partition(":")
         try:
-            task_id = int(payload)
+            key = (int(task_id), int(attempt))
         except ValueError:
             return
         for callback in self._cancel_callbacks:
-            callback(task_id)
-        self._signal_finished([task_id])
+            callback(*key)
+        self._signal_finished([key[0]])
 
-    def on_cancel(self, callback: Callable[[int], None]) -> None:
-        """Call callback(task_id) when a running task is deleted or its cancel is asked for, in any process."""
+    def on_cancel(self, callback: Callable[[int, int], None]) -> None:
+        """Call callback(task_id, attempt) when a running attempt's task is deleted or its cancel
+        is asked for, in any process."""
         self._cancel_callbacks.append(callback)
 
     def work_signal(self) -> WorkSignal:

@@ -147,3 +147,17 @@ async def test_bulk_retry_and_cancel_match_exactly_their_filter(store: Store) ->
     assert await store.retry_where(status="cancelled", task_type=None, queue="held", finished_before=None) == 3
     counts = await store.counts()
     assert (counts["pending"], counts["failed"], counts["cancelled"]) == (6, 1, 0)
+
+
+async def test_a_cancel_request_notifies_the_attempt_once(store: Store) -> None:
+    heard: list[tuple[int, int]] = []
+    notified = trio.Event()
+    store.on_cancel(lambda task_id, attempt: (heard.append((task_id, attempt)), notified.set()))
+    (task,) = await store.submit_many([new()])
+    await store.claim(1, ["echo"], 30)
+    await store.cancel(task.id)
+    await store.cancel(task.id)  # asked again: no second notice
+    with trio.fail_after(2):
+        await notified.wait()
+    await trio.sleep(0.1)
+    assert heard == [(task.id, 1)]

@@ -261,9 +261,9 @@ async def test_notify_wakes_a_waiting_claimer(store: Store) -> None:
 
 
 async def test_deleting_a_running_task_notifies_its_process(store: Store) -> None:
-    cancelled: list[int] = []
+    cancelled: list[tuple[int, int]] = []
     notified = trio.Event()
-    store.on_cancel(lambda task_id: (cancelled.append(task_id), notified.set()))
+    store.on_cancel(lambda task_id, attempt: (cancelled.append((task_id, attempt)), notified.set()))
     a, b = await submit_ids(store, [new(), new()])
     await store.claim(1, ["echo"], 30)
     assert await store.delete(b) == TaskStatus.PENDING
@@ -272,7 +272,7 @@ async def test_deleting_a_running_task_notifies_its_process(store: Store) -> Non
     with trio.fail_after(2):
         await notified.wait()
     await trio.sleep(0.1)  # room for a wrong second notification to arrive
-    assert cancelled == [a]
+    assert cancelled == [(a, 1)]
 
 
 async def test_wait_finished_returns_when_the_outcome_is_written(store: Store) -> None:

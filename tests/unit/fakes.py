@@ -24,7 +24,7 @@ class FakeStore:
         self.submitted: list[NewTask] = []
         self._signals: list[WorkSignal] = []
         self.progress: list[tuple[int, int, str]] = []
-        self._cancel: list[Callable[[int], None]] = []
+        self._cancel: list[Callable[[int, int], None]] = []
         self.finished_event = trio.Event()
         self.heartbeats: list[list[tuple[int, int]]] = []
         self.running_at_claim: list[int] = []
@@ -53,21 +53,22 @@ class FakeStore:
         return [await self.submit(t) for t in tasks]
 
     # workers
-    def on_cancel(self, callback: Callable[[int], None]) -> None:
+    def on_cancel(self, callback: Callable[[int, int], None]) -> None:
         self._cancel.append(callback)
 
     def cancel(self, task_id: int) -> None:
         """Delete the task (a running one is told to stop)."""
-        self.tasks.pop(task_id, None)
-        for callback in self._cancel:
-            callback(task_id)
+        row = self.tasks.pop(task_id, None)
+        if row is not None:
+            for callback in self._cancel:
+                callback(task_id, row["attempts"])
 
     def request_cancel(self, task_id: int, *, notify: bool = True) -> None:
         """Ask a running task to stop; without the notice, the heartbeat finds out."""
         self.tasks[task_id]["cancel_requested"] = True
         if notify:
             for callback in self._cancel:
-                callback(task_id)
+                callback(task_id, self.tasks[task_id]["attempts"])
 
     def work_signal(self) -> WorkSignal:
         signal = WorkSignal()

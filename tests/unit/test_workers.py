@@ -188,13 +188,24 @@ async def test_a_task_cancelled_before_its_claim_lands_never_runs(autojump_clock
     store, log = FakeStore(), []
     task_id = store.add("ok", {})
     pool = new_pool(store, 1, registry=make_registry(log))
-    pool._cancel_running(task_id)  # the notice overtakes the claim
+    pool._cancel_running(task_id, 1)  # the notice overtakes the claim
     async with trio.open_nursery() as nursery:
         start_pool(nursery, pool)
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
     assert log == [] and pool.unfinished() == []
     assert store.tasks[task_id]["status"] == "cancelled"
+
+
+async def test_a_notice_for_another_attempt_leaves_this_one_alone(autojump_clock: trio.abc.Clock) -> None:
+    """A cancelled task may be retried by hand: the old attempt's notice must not stop the new one."""
+    store, log = FakeStore(), []
+    task_id = store.add("ok", {})
+    store.tasks[task_id]["attempts"] = 3  # attempt 4 is next
+    pool = new_pool(store, 1, registry=make_registry(log))
+    pool._cancel_running(task_id, 3)
+    await run_pool(store, make_registry(log), Settings(worker_pool_size=1), store.finished_event)
+    assert log == [("ok", task_id, 4)] and store.tasks[task_id]["status"] == "completed"
 
 
 async def test_a_result_postgres_cannot_store_fails_the_attempt(autojump_clock: trio.abc.Clock) -> None:
