@@ -13,14 +13,18 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import trio
+
 from taskd import db, sql
 from taskd.errors import DatabaseError, DatabaseUnavailable
 from taskd.outage import OutageLog
 
 
 class Dedicated:
-    """A connection owned by one loop; a connection that failed is dropped, and the
-    next call opens a new one."""
+    """A connection for one role; a connection that failed is dropped, and the next call
+    opens a new one. Calls take turns: a connection runs one statement at a time, and
+    several loops may share a role (each queue's claim loop; the heartbeat and the
+    progress writer)."""
 
     def __init__(self, url: str, role: str, outage: OutageLog, server_settings: dict[str, str] | None = None) -> None:
         self._url = url
@@ -28,6 +32,7 @@ class Dedicated:
         self._outage = outage
         self._server_settings = server_settings
         self._conn: db.Connection | None = None
+        self._turn = trio.Lock()
 
     async def get(self) -> db.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -40,6 +45,10 @@ class Dedicated:
         return self._conn
 
     async def run(self, query: sql.Query, *args: Any) -> Any:
+        async with self._turn:
+            return await self._run(query, *args)
+
+    async def _run(self, query: sql.Query, *args: Any) -> Any:
         conn = await self.get()
         try:
             result = await conn.run(query, *args)

@@ -161,3 +161,27 @@ async def test_a_cancel_request_notifies_the_attempt_once(store: Store) -> None:
         await notified.wait()
     await trio.sleep(0.1)
     assert heard == [(task.id, 1)]
+
+
+async def test_loops_sharing_a_dedicated_connection_take_turns(store: Store) -> None:
+    """Each queue's claim loop claims on the one claimer connection (and the progress writer
+    shares the heartbeat's): at the same time, they must take turns, not break it."""
+    await store.submit_many([new(queue=q) for q in ("a", "b") * 50])
+    got: dict[str, int] = {"a": 0, "b": 0}
+
+    async def claim_all(queue: str) -> None:
+        for _ in range(10):
+            got[queue] += len(await store.claim(5, ["echo"], 30, queues=[queue]))
+            await store.seconds_until_due(["echo"], queues=[queue])
+
+    async def beat() -> None:
+        for _ in range(10):
+            await store.heartbeat(30, [], workers=1, busy=0)
+            await store.write_progress([(1, 1, '{"fraction": 0.5}')])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(claim_all, "a")
+        nursery.start_soon(claim_all, "b")
+        nursery.start_soon(beat)
+        nursery.start_soon(beat)
+    assert got == {"a": 50, "b": 50}
