@@ -66,3 +66,8 @@ CREATE FUNCTION taskd.stop_error(kind text, message text, attempt integer) RETUR
 LANGUAGE sql STABLE AS $$
     SELECT jsonb_build_object('type', kind, 'message', message, 'attempt', attempt, 'at', now());
 $$;
+
+-- A task retried by hand (the only statements that set attempts_forgiven) is new work:
+-- wake the claimers everywhere, as an insert does.
+CREATE TRIGGER tasks_notify_retried AFTER UPDATE OF attempts_forgiven ON taskd.tasks
+    FOR EACH STATEMENT EXECUTE FUNCTION taskd.notify_new_tasks();

@@ -1,18 +1,26 @@
 -- name: task_insert_many :many
--- Insert one task per array element; ids come from one identity sequence, so
--- ascending ids follow the order of the arrays.
+-- Insert one task per array element; ids are drawn in the order of the arrays (the
+-- MATERIALIZED step), so ascending ids follow it.
 -- A task runs from $6 (a time) or after $7 seconds, by the database's clock, else
 -- now; a time already past counts as now, so it cannot jump ahead of the queue. It
 -- expires at $9 or $10 seconds from now (NULL: never). A row whose idempotency key
 -- ($11) is taken, by an earlier task or by an earlier row of this same statement, is
--- not inserted: the caller looks the key up (task_by_idempotency_keys).
-INSERT INTO taskd.tasks (task_type, payload, max_retries, timeout_seconds, priority, run_at, queue, expires_at,
+-- not inserted: the caller looks the key up (task_by_idempotency_keys). Rows go in
+-- in key order, so two transactions inserting overlapping keys wait on each other
+-- in the same order and cannot deadlock.
+WITH rows AS MATERIALIZED (
+    SELECT nextval('taskd.tasks_id_seq') AS id, u.*
+    FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[], $5::smallint[], $6::timestamptz[], $7::float8[],
+                $8::text[], $9::timestamptz[], $10::float8[], $11::text[], $12::text[]) WITH ORDINALITY
+         AS u(t, p, r, s, pr, ra, d, q, ea, ei, k, h, n)
+    ORDER BY n
+)
+INSERT INTO taskd.tasks (id, task_type, payload, max_retries, timeout_seconds, priority, run_at, queue, expires_at,
                          idempotency_key, idempotency_hash)
-SELECT t, p::jsonb, r, s, pr, GREATEST(COALESCE(ra, now() + make_interval(secs => COALESCE(d, 0))), now()),
+SELECT id, t, p::jsonb, r, s, pr, GREATEST(COALESCE(ra, now() + make_interval(secs => COALESCE(d, 0))), now()),
        q, COALESCE(ea, now() + make_interval(secs => ei)), k, h
-FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[], $5::smallint[], $6::timestamptz[], $7::float8[],
-            $8::text[], $9::timestamptz[], $10::float8[], $11::text[], $12::text[])
-     AS u(t, p, r, s, pr, ra, d, q, ea, ei, k, h)
+FROM rows
+ORDER BY k NULLS LAST, n
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id, idempotency_key, idempotency_hash,
           CASE WHEN run_at > now() THEN 'scheduled' ELSE 'pending' END AS status;
@@ -294,12 +302,16 @@ SELECT count(*)::int FROM done;
 -- name: task_retry :one
 -- Run a failed, cancelled or expired task $1 again: pending now, with a fresh
 -- max_retries (the attempts so far stop counting against it; their errors stay).
--- Returns nothing for a task in another state, or missing.
+-- Returns the task as it then is (a claim may take it the moment this commits), as
+-- task_get reads it; nothing for a task in another state, or missing.
 UPDATE taskd.tasks t
 SET status = 'pending', run_at = now(), finished_at = NULL, result = NULL, cancel_requested_at = NULL,
     expires_at = NULL, attempts_forgiven = t.attempts - t.crashes - t.snoozes
 WHERE t.id = $1::bigint AND t.status IN ('failed', 'cancelled', 'expired')
-RETURNING t.id;
+RETURNING id, task_type, status, payload::text AS payload, result::text AS result,
+          attempts, max_retries, crashes, timeout_seconds, created_at, started_at, finished_at,
+          last_error::text AS last_error, errors::text AS errors, priority, run_at, queue, expires_at,
+          idempotency_key, cancel_requested_at, progress::text AS progress;
 
 -- name: task_retry_where :val
 -- Retry, as task_retry does, up to $6 tasks that match the filters: status $1 (NULL:

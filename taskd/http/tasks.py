@@ -116,11 +116,12 @@ def tasks_blueprint(store: Store, registry: Registry, settings: Settings) -> Blu
         """Submit 1 to 1,000 tasks at once, all or nothing; a 422 names the bad item's index.
         Items may carry their own idempotency_key: `created` says, per item, whether it made a
         task or found the one its key made before."""
+        data = await body()  # read first: answering with the body unread can hang the connection's next request
         if request.headers.get(IDEMPOTENCY_HEADER) is not None:
             raise ApiError(422, "invalid_request",
                            f"the {IDEMPOTENCY_HEADER} header is for POST /tasks; give each batch item its own "
                            "idempotency_key")
-        batch = parse_body(BatchIn, await body())
+        batch = parse_body(BatchIn, data)
         tasks = []
         for index, item in enumerate(batch.tasks):
             try:

@@ -331,6 +331,10 @@ class StoreCore:
                             "deleted); outcome discarded", o.task_id, o.attempt)
         for callback in self._written_callbacks:
             callback(outcomes, written)
+        if any(o.status == TaskStatus.RETRYING and (o.task_id, o.attempt) in written for o in outcomes):
+            # The claim loops may be asleep until a later due time, or the fallback poll:
+            # a retry due sooner must wake them to look again.
+            self.wake_claimer()
         self._signal_finished([o.task_id for o in outcomes if o.status != TaskStatus.RETRYING])
         return [(o.task_id, o.attempt) in written for o in outcomes]
 

@@ -74,8 +74,11 @@ class TaskControl(StoreCore):
 
     async def retry(self, task_id: int) -> tuple[bool, Task | None]:
         """Run a failed, cancelled or expired task again; (whether it was, the task as it is now)."""
-        retried = await self._pool.run(self._q["task_retry"], task_id) is not None
-        return retried, await self.get(task_id)
+        row = await self._pool.run(self._q["task_retry"], task_id)
+        if row is not None:
+            self.wake_claimer()
+            return True, task_from_row(row)
+        return False, await self.get(task_id)
 
     async def cancel_where(self, *, status: str | None, task_type: str | None, queue: str | None,
                            created_before: dt.datetime | None) -> int:
