@@ -342,18 +342,8 @@ class StoreCore:
         """One fenced statement; the (id, attempt) pairs written. Retries while the database
         is unreachable, however long: the lease fence turns away what is stale by the time
         it is back, and everything else must be kept (shutdown bounds the wait)."""
-        args = (
-            self.process_id,
-            [o.task_id for o in outcomes],
-            [o.attempt for o in outcomes],
-            [o.status.value for o in outcomes],
-            [o.result_json for o in outcomes],
-            [o.error_json for o in outcomes],
-            [o.retry_delay for o in outcomes],
-            [o.crashed for o in outcomes],
-            [o.snoozed for o in outcomes],
-            [o.progress_json for o in outcomes],
-        )
+        args = (self.process_id, *columns(outcomes, "task_id", "attempt", "status", "result_json", "error_json",
+                                          "retry_delay", "crashed", "snoozed", "progress_json"))
         delay = 0.1
         while True:
             try:
@@ -425,20 +415,14 @@ class StoreCore:
 
 def insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
     """task_insert_many's arguments (taskd.enqueue passes the same)."""
-    return (
-        [t.task_type for t in tasks],
-        [t.payload_json for t in tasks],
-        [t.max_retries for t in tasks],
-        [t.timeout_seconds for t in tasks],
-        [t.priority for t in tasks],
-        [t.run_at for t in tasks],
-        [t.delay_seconds for t in tasks],
-        [t.queue for t in tasks],
-        [t.expires_at for t in tasks],
-        [t.expires_in_seconds for t in tasks],
-        [t.idempotency_key for t in tasks],
-        [t.idempotency_hash for t in tasks],
-    )
+    return columns(tasks, "task_type", "payload_json", "max_retries", "timeout_seconds", "priority", "run_at",
+                   "delay_seconds", "queue", "expires_at", "expires_in_seconds", "idempotency_key",
+                   "idempotency_hash")
+
+
+def columns(items: Sequence[Any], *fields: str) -> tuple[list[Any], ...]:
+    """One list per field, for a statement that unnests arrays: a batch in one round trip."""
+    return tuple([getattr(item, field) for item in items] for field in fields)
 
 
 class Runner(Protocol):

@@ -112,3 +112,17 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30, what: str = "c
 
 def counts(server: TaskdProcess) -> dict[str, int]:
     return server.http.get("/stats").json()["counts"]
+
+
+def submit(server: TaskdProcess, task_type: str, payload: dict[str, Any] | None = None, **extra: Any) -> int:
+    """POST one task, insisting on 201; its id."""
+    response = server.http.post("/tasks", json={"task_type": task_type, "payload": payload or {}, **extra})
+    assert response.status_code == 201, response.text
+    return int(response.json()["id"])
+
+
+def get_task(server: TaskdProcess, task_id: int) -> dict[str, Any]:
+    """GET one task, insisting on 200."""
+    response = server.http.get(f"/tasks/{task_id}")
+    assert response.status_code == 200, response.text
+    return dict(response.json())

@@ -18,15 +18,9 @@ import httpx
 
 from tests.conftest import _admin, with_database
 
-from .conftest import ROOT, TaskdProcess, counts, free_port, wait_until
+from .conftest import ROOT, TaskdProcess, counts, free_port, submit, wait_until
 
 Start = Callable[..., TaskdProcess]
-
-
-def submit(server: TaskdProcess, task_type: str, payload: dict | None = None, **extra: object) -> int:
-    response = server.http.post("/tasks", json={"task_type": task_type, "payload": payload or {}, **extra})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
 
 
 def test_submit_run_and_read_results_over_http(start_taskd: Start) -> None:

@@ -17,22 +17,11 @@ from typing import Any
 
 import httpx
 
-from .conftest import TaskdProcess, wait_until
+from .conftest import TaskdProcess, submit, wait_until
+from .conftest import get_task as get
 
 Start = Callable[..., TaskdProcess]
 FINAL = {"completed", "failed", "cancelled", "expired"}
-
-
-def submit(server: TaskdProcess, task_type: str, payload: dict[str, Any] | None = None, **extra: object) -> int:
-    response = server.http.post("/tasks", json={"task_type": task_type, "payload": payload or {}, **extra})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
-def get(server: TaskdProcess, task_id: int) -> dict[str, Any]:
-    response = server.http.get(f"/tasks/{task_id}")
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def status(server: TaskdProcess, task_id: int) -> str:

@@ -12,25 +12,14 @@ from typing import Any
 
 import httpx
 
-from .conftest import TaskdProcess, counts, wait_until
+from .conftest import TaskdProcess, counts, submit, wait_until
+from .conftest import get_task as task
 
 Start = Callable[..., TaskdProcess]
 FINISHED = ("completed", "failed", "cancelled", "expired")
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-
-
-def submit(server: TaskdProcess, task_type: str, payload: dict[str, Any] | None = None, **extra: Any) -> int:
-    response = server.http.post("/tasks", json={"task_type": task_type, "payload": payload or {}, **extra})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
-def task(server: TaskdProcess, task_id: int) -> dict[str, Any]:
-    response = server.http.get(f"/tasks/{task_id}")
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def finished(server: TaskdProcess, task_id: int, timeout: float = 15) -> dict[str, Any]:
