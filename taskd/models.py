@@ -35,7 +35,8 @@ def attempt_error(kind: str, message: str, attempt: int, traceback: str | None =
     return error
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+# Made once per submitted task: not frozen, whose __init__ costs a setattr call per field.
+@dataclasses.dataclass(slots=True)
 class NewTask:
     """A task ready to insert: defaults resolved, payload already encoded as JSON text."""
 
@@ -58,7 +59,7 @@ class NewTask:
         return (self.delay_seconds or 0) > 0 or (self.run_at is not None and self.run_at > dt.datetime.now(dt.UTC))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Submitted:
     """What a submit did: made the task (created), or found the one its idempotency key made."""
 

@@ -225,26 +225,11 @@ class Registry:
         if priority is not None and not _is_priority(priority):
             raise InvalidTask(f"priority must be a whole number from {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}",
                               field="priority")
-        if run_at is not None and delay_seconds is not None:
-            raise InvalidTask("give run_at or delay_seconds, not both", field="run_at")
-        run_at = _utc(run_at, "run_at")
-        if delay_seconds is not None and not _seconds_in(delay_seconds, 0, MAX_DELAY_SECONDS):
-            raise InvalidTask(f"delay_seconds must be from 0 to {MAX_DELAY_SECONDS}", field="delay_seconds")
-        if queue is not None and not is_queue_name(queue):
-            raise InvalidTask(f"queue must be {QUEUE_RULE}", field="queue")
-        if expires_at is not None and expires_in_seconds is not None:
-            raise InvalidTask("give expires_at or expires_in_seconds, not both", field="expires_at")
-        expires_at = _utc(expires_at, "expires_at")
-        if expires_in_seconds is not None and not _seconds_in(expires_in_seconds, 0, MAX_DELAY_SECONDS,
-                                                              low_open=True):
-            raise InvalidTask(f"expires_in_seconds must be > 0 and <= {MAX_DELAY_SECONDS}",
-                              field="expires_in_seconds")
-        _check_expiry(run_at, delay_seconds, expires_at, expires_in_seconds)
-        if idempotency_key is not None and (not isinstance(idempotency_key, str)
-                                            or not 1 <= len(idempotency_key) <= MAX_KEY_CHARS
-                                            or "\x00" in idempotency_key):
-            raise InvalidTask(f"idempotency_key must be 1 to {MAX_KEY_CHARS} characters (no NUL)",
-                              field="idempotency_key")
+        if not (run_at is None and delay_seconds is None and queue is None and expires_at is None
+                and expires_in_seconds is None and idempotency_key is None):
+            # Apart, so the common submit (none of these) pays for none of their checks.
+            run_at, expires_at = _check_steering(run_at, delay_seconds, queue, expires_at, expires_in_seconds,
+                                                 idempotency_key)
         handler = self._handlers.get(task_type)
         if handler is None:
             known = ", ".join(self.names()) or "none"
@@ -258,10 +243,6 @@ class Registry:
                 handler.validate(payload)
             except ValueError as exc:
                 raise InvalidTask(f"payload does not fit {task_type}: {exc}", field="payload") from None
-        if max_retries is None:
-            max_retries = handler.max_retries if handler.max_retries is not None else settings.max_retries
-        if timeout_seconds is None:
-            timeout_seconds = handler.timeout if handler.timeout is not None else settings.task_timeout
         request_hash = None
         if idempotency_key is not None:
             # The request as given (before defaults, which may change between releases).
@@ -288,6 +269,30 @@ class Registry:
                        None if delay_seconds is None else float(delay_seconds), queue, expires_at,
                        None if expires_in_seconds is None else float(expires_in_seconds), idempotency_key,
                        request_hash)
+
+
+def _check_steering(run_at: Any, delay_seconds: Any, queue: Any, expires_at: Any, expires_in_seconds: Any,
+                    idempotency_key: Any) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """Check the options that steer a task; run_at and expires_at in UTC."""
+    if run_at is not None and delay_seconds is not None:
+        raise InvalidTask("give run_at or delay_seconds, not both", field="run_at")
+    run_at = _utc(run_at, "run_at")
+    if delay_seconds is not None and not _seconds_in(delay_seconds, 0, MAX_DELAY_SECONDS):
+        raise InvalidTask(f"delay_seconds must be from 0 to {MAX_DELAY_SECONDS}", field="delay_seconds")
+    if queue is not None and not is_queue_name(queue):
+        raise InvalidTask(f"queue must be {QUEUE_RULE}", field="queue")
+    if expires_at is not None and expires_in_seconds is not None:
+        raise InvalidTask("give expires_at or expires_in_seconds, not both", field="expires_at")
+    expires_at = _utc(expires_at, "expires_at")
+    if expires_in_seconds is not None and not _seconds_in(expires_in_seconds, 0, MAX_DELAY_SECONDS, low_open=True):
+        raise InvalidTask(f"expires_in_seconds must be > 0 and <= {MAX_DELAY_SECONDS}", field="expires_in_seconds")
+    _check_expiry(run_at, delay_seconds, expires_at, expires_in_seconds)
+    if idempotency_key is not None and (not isinstance(idempotency_key, str)
+                                        or not 1 <= len(idempotency_key) <= MAX_KEY_CHARS
+                                        or "\x00" in idempotency_key):
+        raise InvalidTask(f"idempotency_key must be 1 to {MAX_KEY_CHARS} characters (no NUL)",
+                          field="idempotency_key")
+    return run_at, expires_at
 
 
 def _utc(value: Any, field: str) -> dt.datetime | None:

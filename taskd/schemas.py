@@ -8,7 +8,7 @@ import datetime
 import re
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from taskd.control import MAX_DELAY_SECONDS
 from taskd.models import TaskStatus
@@ -63,11 +63,6 @@ class TaskIn(BaseModel):
     def _rfc3339(cls, value: Any) -> Any:
         return rfc3339_time(value)
 
-    @model_validator(mode="after")
-    def _one_start_time(self) -> TaskIn:
-        if self.run_at is not None and self.delay_seconds is not None:
-            raise ValueError("give run_at or delay_seconds, not both")
-        return self
     timeout_seconds: float | None = Field(None, gt=0, le=MAX_TIMEOUT_SECONDS, description="limit on one attempt")
 
 

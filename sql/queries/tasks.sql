@@ -1,13 +1,27 @@
 -- name: task_insert_many :many
--- Insert one task per array element; ids are drawn in the order of the arrays (the
--- MATERIALIZED step), so ascending ids follow it.
+-- Insert one task per array element (none with an idempotency key: see
+-- task_insert_keyed); ids come from one identity sequence, so ascending ids follow
+-- the order of the arrays.
 -- A task runs from $6 (a time) or after $7 seconds, by the database's clock, else
 -- now; a time already past counts as now, so it cannot jump ahead of the queue. It
--- expires at $9 or $10 seconds from now (NULL: never). A row whose idempotency key
--- ($11) is taken, by an earlier task or by an earlier row of this same statement, is
--- not inserted: the caller looks the key up (task_by_idempotency_keys). Rows go in
--- in key order, so two transactions inserting overlapping keys wait on each other
--- in the same order and cannot deadlock.
+-- expires at $9 or $10 seconds from now (NULL: never). Its queue is $8 (NULL: the
+-- default queue). Any array may be NULL where every element would be: unnest pads it.
+INSERT INTO taskd.tasks (task_type, payload, max_retries, timeout_seconds, priority, run_at, queue, expires_at)
+SELECT t, p::jsonb, r, s, pr, GREATEST(COALESCE(ra, now() + make_interval(secs => COALESCE(d, 0))), now()),
+       COALESCE(q, 'default'), COALESCE(ea, now() + make_interval(secs => ei))
+FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[], $5::smallint[], $6::timestamptz[], $7::float8[],
+            $8::text[], $9::timestamptz[], $10::float8[])
+     AS u(t, p, r, s, pr, ra, d, q, ea, ei)
+RETURNING id, CASE WHEN run_at > now() THEN 'scheduled' ELSE 'pending' END AS status;
+
+-- name: task_insert_keyed :many
+-- As task_insert_many, for rows of which some carry an idempotency key ($11, with
+-- the digest of its request in $12). Ids are drawn in the order given (the
+-- MATERIALIZED step), so ascending ids still follow it. A row whose key is taken, by
+-- an earlier task or by an earlier row of this same statement, is not inserted: the
+-- caller looks the key up (task_by_idempotency_keys). Rows go in in key order, so
+-- two transactions inserting overlapping keys wait on each other in the same order
+-- and cannot deadlock.
 WITH rows AS MATERIALIZED (
     SELECT nextval('taskd.tasks_id_seq') AS id, u.*
     FROM unnest($1::text[], $2::text[], $3::int[], $4::float8[], $5::smallint[], $6::timestamptz[], $7::float8[],
@@ -18,7 +32,7 @@ WITH rows AS MATERIALIZED (
 INSERT INTO taskd.tasks (id, task_type, payload, max_retries, timeout_seconds, priority, run_at, queue, expires_at,
                          idempotency_key, idempotency_hash)
 SELECT id, t, p::jsonb, r, s, pr, GREATEST(COALESCE(ra, now() + make_interval(secs => COALESCE(d, 0))), now()),
-       q, COALESCE(ea, now() + make_interval(secs => ei)), k, h
+       COALESCE(q, 'default'), COALESCE(ea, now() + make_interval(secs => ei)), k, h
 FROM rows
 ORDER BY k NULLS LAST, n
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -282,6 +296,7 @@ WITH chosen AS (
       AND ($2::text IS NULL OR task_type = $2::text)
       AND ($3::text IS NULL OR queue = $3::text)
       AND ($4::timestamptz IS NULL OR created_at < $4::timestamptz)
+    ORDER BY id
     LIMIT $5::int
     FOR UPDATE
 ), done AS (
@@ -325,6 +340,7 @@ WITH chosen AS (
       AND ($3::text IS NULL OR queue = $3::text)
       AND ($4::timestamptz IS NULL OR finished_at < $4::timestamptz)
       AND finished_at <= $5::timestamptz
+    ORDER BY id
     LIMIT $6::int
     FOR UPDATE
 ), done AS (

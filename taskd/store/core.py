@@ -70,8 +70,9 @@ FINISHER_SETTINGS = {
 }
 
 CORE_QUERIES = frozenset({
-    "task_insert_many", "task_by_idempotency_keys", "task_claim_many", "task_next_due", "task_finish_many",
-    "task_release_many", "task_extend_leases", "task_progress_many", "task_rescue_expired", "task_expire",
+    "task_insert_many", "task_insert_keyed", "task_by_idempotency_keys", "task_claim_many", "task_next_due",
+    "task_finish_many", "task_release_many", "task_extend_leases", "task_progress_many", "task_rescue_expired",
+    "task_expire",
     "process_heartbeat", "process_remove", "process_prune",
     "migration_lock", "migration_unlock", "migration_prepare", "migration_applied", "migration_record",
 })
@@ -237,11 +238,16 @@ class StoreCore:
     async def submit_many(self, tasks: Sequence[NewTask]) -> list[Submitted]:
         """Insert tasks in one transaction, all or nothing (IdempotencyConflict if any key was
         used by another request); in the order given."""
-        async with self._pool.transaction() as conn:
-            results = await insert_tasks(conn, self._q, tasks)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+        if not any(t.idempotency_key is not None for t in tasks):
+            # One statement is all or nothing by itself: no transaction to open and close.
+            results = await insert_tasks(self._pool, self._q, tasks)
+        else:
+            # A conflict is found after the statement: the transaction takes the batch back.
+            async with self._pool.transaction() as conn:
+                results = await insert_tasks(conn, self._q, tasks)
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
         return [r for r in results if isinstance(r, Submitted)]
 
     async def _insert_batch(self, tasks: Sequence[NewTask]) -> Sequence[Submitted | BaseException]:
@@ -342,8 +348,21 @@ class StoreCore:
         """One fenced statement; the (id, attempt) pairs written. Retries while the database
         is unreachable, however long: the lease fence turns away what is stale by the time
         it is back, and everything else must be kept (shutdown bounds the wait)."""
-        args = (self.process_id, *columns(outcomes, "task_id", "attempt", "status", "result_json", "error_json",
-                                          "retry_delay", "crashed", "snoozed", "progress_json"))
+        # In id order, as every statement that updates several tasks: two of them locking the
+        # same rows in different orders deadlock (measured: the heartbeat and this writer).
+        batch = sorted(outcomes, key=_task_id)
+        args = (
+            self.process_id,
+            [o.task_id for o in batch],
+            [o.attempt for o in batch],
+            [o.status for o in batch],
+            or_null([o.result_json for o in batch]),
+            or_null([o.error_json for o in batch]),
+            [o.retry_delay for o in batch],
+            [o.crashed for o in batch],
+            [o.snoozed for o in batch],
+            or_null([o.progress_json for o in batch]),
+        )
         delay = 0.1
         while True:
             try:
@@ -364,6 +383,7 @@ class StoreCore:
         (on the heartbeat's own connection when the heartbeat loop asks, so a busy pool cannot delay it)."""
         if claims:
             runner = self._heartbeat if from_heartbeat else self._pool
+            claims = sorted(claims)  # id order: see _write_outcomes
             await runner.run(self._q["task_release_many"], self.process_id,
                              [c[0] for c in claims], [c[1] for c in claims])
 
@@ -375,6 +395,7 @@ class StoreCore:
         """Renew the leases of the held (task id, attempt) pairs and record that this process
         is alive; returns the pairs whose lease was renewed, and those of them whose cancel
         was asked for."""
+        held = sorted(held)  # id order: see _write_outcomes
         rows = await self._heartbeat.run(self._q["task_extend_leases"], self.process_id, lease_seconds,
                                          [h[0] for h in held], [h[1] for h in held])
         await self._heartbeat.run(self._q["process_heartbeat"], self.process_id, socket.gethostname(),
@@ -386,6 +407,7 @@ class StoreCore:
         """Store handlers' latest progress, (task id, attempt, JSON text) each, in one statement,
         on the heartbeat's connection (HTTP reads filling the pool cannot hold it up)."""
         if progress:
+            progress = sorted(progress)  # id order: see _write_outcomes
             await self._heartbeat.run(self._q["task_progress_many"], self.process_id, [p[0] for p in progress],
                                       [p[1] for p in progress], [p[2] for p in progress])
 
@@ -413,16 +435,35 @@ class StoreCore:
         await self._pool.run(self._q["process_prune"], older_than)
 
 
-def insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any], ...]:
-    """task_insert_many's arguments (taskd.enqueue passes the same)."""
-    return columns(tasks, "task_type", "payload_json", "max_retries", "timeout_seconds", "priority", "run_at",
-                   "delay_seconds", "queue", "expires_at", "expires_in_seconds", "idempotency_key",
-                   "idempotency_hash")
+def insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any] | None, ...]:
+    """task_insert_many's arguments (taskd.enqueue passes the same): one array per column."""
+    queues = [t.queue for t in tasks]
+    return (
+        [t.task_type for t in tasks],
+        [t.payload_json for t in tasks],
+        [t.max_retries for t in tasks],
+        [t.timeout_seconds for t in tasks],
+        [t.priority for t in tasks],
+        or_null([t.run_at for t in tasks]),
+        or_null([t.delay_seconds for t in tasks]),
+        # NULL is the default queue to the insert: most batches then send no array for it.
+        None if queues.count("default") == len(queues) else queues,
+        or_null([t.expires_at for t in tasks]),
+        or_null([t.expires_in_seconds for t in tasks]),
+        or_null([t.idempotency_key for t in tasks]),
+        or_null([t.idempotency_hash for t in tasks]),
+    )
 
 
-def columns(items: Sequence[Any], *fields: str) -> tuple[list[Any], ...]:
-    """One list per field, for a statement that unnests arrays: a batch in one round trip."""
-    return tuple([getattr(item, field) for item in items] for field in fields)
+def or_null(column: list[Any]) -> list[Any] | None:
+    """NULL instead of an array of nothing but NULLs: unnest pads a NULL array with NULLs
+    all the same, and the driver's per-element encoding is most of a batch's cost in this
+    process (measured)."""
+    return None if column and column[0] is None and column.count(None) == len(column) else column
+
+
+def _task_id(outcome: Outcome) -> int:
+    return outcome.task_id
 
 
 class Runner(Protocol):
@@ -435,9 +476,13 @@ async def insert_tasks(runner: Runner, queries: Mapping[str, sql.Query],
                   tasks: Sequence[NewTask]) -> list[Submitted | BaseException]:
     """Insert in one statement; a task whose idempotency key is taken gets the task that holds
     it, or IdempotencyConflict if that one came from another request."""
-    rows = await runner.run(queries["task_insert_many"], *insert_args(tasks))
+    if not any(t.idempotency_key is not None for t in tasks):
+        # Nothing can conflict: the plain statement, without the key-ordering step.
+        rows = await runner.run(queries["task_insert_many"], *insert_args(tasks)[:10])
+        return [Submitted(row["id"], True, _STATUS[row["status"]]) for row in sorted(rows, key=_by_id)]
+    rows = await runner.run(queries["task_insert_keyed"], *insert_args(tasks))
     # Rows without a key cannot be skipped, and their ids follow the order given.
-    plain = iter(sorted(row["id"] for row in rows if row["idempotency_key"] is None))
+    plain = iter(sorted((row for row in rows if row["idempotency_key"] is None), key=_by_id))
     made = {row["idempotency_key"]: row for row in rows if row["idempotency_key"] is not None}
     keyed = [t.idempotency_key for t in tasks if t.idempotency_key is not None]
     held: dict[str, Any] = {}
@@ -449,7 +494,8 @@ async def insert_tasks(runner: Runner, queries: Mapping[str, sql.Query],
     for task in tasks:
         key = task.idempotency_key
         if key is None:
-            results.append(Submitted(next(plain), True, _initial_status(task)))
+            row = next(plain)
+            results.append(Submitted(row["id"], True, _STATUS[row["status"]]))
             continue
         row = made.get(key) or held.get(key)
         if row is None:
@@ -462,13 +508,15 @@ async def insert_tasks(runner: Runner, queries: Mapping[str, sql.Query],
             # Of the requests with the body that made the row, the first made it; the rest repeat it.
             created = made.pop(key, None) is not None
             held[key] = row
-            results.append(Submitted(row["id"], created, TaskStatus(row["status"])))
+            results.append(Submitted(row["id"], created, _STATUS[row["status"]]))
     return results
 
 
-def _initial_status(task: NewTask) -> TaskStatus:
-    return TaskStatus.SCHEDULED if task.starts_later else TaskStatus.PENDING
+_STATUS = {status.value: status for status in TaskStatus}  # a dict look-up: an Enum call per row shows
 
+
+def _by_id(row: Any) -> int:
+    return int(row["id"])
 
 def _unstorable(outcome: Outcome, exc: Exception) -> Outcome:
     """The attempt's outcome could not be stored (the database refused its result):

@@ -71,6 +71,9 @@ def test_the_request_digest_tells_bodies_apart_but_not_key_order() -> None:
     assert digest({"a": 1, "b": 2}) == digest({"b": 2, "a": 1})
     assert digest({"a": 1}) != digest({"a": 2}) != digest({"a": 1}, priority=3)
     assert registry.new_task(settings, "job", {}).idempotency_hash is None
+    # Digested as sent, before defaults: processes with other settings agree on a repeat.
+    other = Settings(max_retries=9, task_timeout=5)
+    assert registry.new_task(other, "job", {"a": 1}, idempotency_key="k").idempotency_hash == digest({"a": 1})
 
 
 def test_unique_for_derives_one_key_per_type_payload_and_window() -> None:
