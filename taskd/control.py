@@ -21,3 +21,29 @@ class Retry(Exception):
             raise ValueError(f"Retry(after=...) takes 0 to {MAX_DELAY_SECONDS} seconds, not {after!r}")
         super().__init__(message or f"retry in {after:g}s")
         self.after = float(after)
+
+
+def steering(exc: BaseException, limit: int = 1000) -> Fail | Retry | None:
+    """The Fail or Retry a handler raised, found also inside exception groups (trio wraps
+    what a nursery's child raises): a Fail anywhere wins; a group of nothing but Retry is a
+    snooze (the longest of them); anything else is a failure. The walk is bounded, as a
+    handler's groups may nest thousands deep."""
+    pending, seen, retry, other = [exc], 0, None, False
+    while pending:
+        current = pending.pop()
+        seen += 1
+        if seen > limit:
+            return None
+        if isinstance(current, Fail):
+            return current
+        if isinstance(current, BaseExceptionGroup):
+            try:
+                members = tuple(current.exceptions)
+            except Exception:  # a subclass may break anything; then it steers nothing
+                return None
+            pending.extend(m for m in members if isinstance(m, BaseException))
+        elif isinstance(current, Retry):
+            retry = current if retry is None or current.after > retry.after else retry
+        else:
+            other = True
+    return None if other else retry

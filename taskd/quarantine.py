@@ -28,7 +28,7 @@ import trio
 import trio_asyncio
 
 from taskd import failures
-from taskd.control import Fail, Retry
+from taskd.control import Fail, Retry, steering
 from taskd.models import ClaimedTask
 
 PARENT_CHECK_SECONDS = 0.5
@@ -154,10 +154,12 @@ def _child() -> int:
         else:
             result = handler.fn(payload, ctx)
         outcome: dict[str, Any] = {"result_json": failures.encode_result(result)}
-    except Retry as snooze:
-        outcome = {"retry_after": snooze.after}
     except BaseException as exc:  # noqa: BLE001  (whatever the handler raises is the attempt's outcome)
-        outcome = {"error": failures.describe_error(exc, request["attempt"]), "final": isinstance(exc, Fail)}
+        control = steering(exc)
+        if isinstance(control, Retry):
+            outcome = {"retry_after": control.after}
+        else:
+            outcome = {"error": failures.describe_error(exc, request["attempt"]), "final": isinstance(control, Fail)}
     reply.write(json.dumps(outcome) + "\n")
     reply.flush()
     return 0

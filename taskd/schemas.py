@@ -81,6 +81,15 @@ class TaskCreated(BaseModel):
     url: str
 
 
+class IdempotencyHeader(BaseModel):
+    idempotency_key: str | None = Field(None, alias="Idempotency-Key", min_length=1, max_length=200,
+                                        description="instead of idempotency_key in the body")
+
+
+class LocationHeader(BaseModel):
+    location: str = Field(alias="Location", description="the task's URL, /tasks/{id}")
+
+
 class BatchCreated(BaseModel):
     ids: list[int]
     count: int

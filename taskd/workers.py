@@ -30,7 +30,7 @@ import trio
 from taskd import failures, jsontext
 from taskd.attempts import Attempt, HandlerEnded, ThreadTracker, crash_error, run_handler
 from taskd.config import Settings
-from taskd.control import Fail, Retry
+from taskd.control import Fail, Retry, steering
 from taskd.errors import DatabaseError
 from taskd.models import Outcome, TaskStatus, WorkerGauge, attempt_error
 from taskd.quarantine import QuarantinedFailure
@@ -405,11 +405,12 @@ class WorkerPool:
             status = TaskStatus.FAILED if give_up else TaskStatus.RETRYING
             return Outcome(task.id, task.attempt, status, error_json=error_json, retry_delay=delay,
                            may_retry=not give_up, crashed=True)
-        if isinstance(ended.error, Retry):
+        control = steering(ended.error)
+        if isinstance(control, Retry):
             # A snooze, not a failure: no error recorded, no retry spent.
-            return Outcome(task.id, task.attempt, TaskStatus.RETRYING, retry_delay=ended.error.after, may_retry=True,
+            return Outcome(task.id, task.attempt, TaskStatus.RETRYING, retry_delay=control.after, may_retry=True,
                            snoozed=True)
-        if isinstance(ended.error, failures.PayloadUnreadable | Fail) or (
+        if isinstance(ended.error, failures.PayloadUnreadable) or isinstance(control, Fail) or (
                 isinstance(ended.error, QuarantinedFailure) and ended.error.final):
             may_retry = False  # the row will not read better next time; the handler said so
         error_json = ended.error_json(task.attempt)

@@ -21,6 +21,13 @@ ALTER TABLE taskd.tasks ADD COLUMN attempts_forgiven integer NOT NULL DEFAULT 0;
 -- {fraction, message, updated_at}, written by the handler through ctx.progress().
 ALTER TABLE taskd.tasks ADD COLUMN progress jsonb;
 
+-- What the claimer reads, now queue by queue: runnable rows only, led by queue, in
+-- claim order within it. It replaces the index that was not led by queue, so a
+-- queue's claim never walks another's backlog, and each write still updates one.
+DROP INDEX taskd.tasks_runnable_idx;
+CREATE INDEX tasks_runnable_idx ON taskd.tasks (queue, priority DESC, run_at, id)
+    WHERE status IN ('pending', 'retrying');
+
 -- What the expiry sweep reads: only waiting rows that carry a deadline.
 CREATE INDEX tasks_expiring_idx ON taskd.tasks (expires_at)
     WHERE expires_at IS NOT NULL AND status IN ('pending', 'retrying');
@@ -55,9 +62,8 @@ CREATE TRIGGER tasks_notify_cancel_requested AFTER UPDATE OF cancel_requested_at
                        AND NEW.status = 'running')
     EXECUTE FUNCTION taskd.notify_cancel_requested();
 
--- A paused or resumed queue wakes idle claimers, as new tasks do (a resumed queue's
--- backlog is runnable at once).
-CREATE TRIGGER queues_notify_change AFTER INSERT OR UPDATE ON taskd.queues
+-- A resumed queue wakes idle claimers, as new tasks do (its backlog is runnable at once).
+CREATE TRIGGER queues_notify_change AFTER UPDATE OF paused ON taskd.queues
     FOR EACH STATEMENT EXECUTE FUNCTION taskd.notify_new_tasks();
 
 -- The error recorded when a task stops without a failure of its own: cancelled on

@@ -54,16 +54,31 @@ FROM taskd.tasks WHERE idempotency_key = ANY($1::text[]);
 -- Only from the queues in $6 (NULL: every queue), never from a paused one (read in
 -- this statement, so a pause holds from its commit on), and never a task past its
 -- expiry (the expiry sweep marks those expired).
-WITH next AS (
-    SELECT id FROM taskd.tasks
-    WHERE status IN ('pending', 'retrying') AND run_at <= now() AND task_type = ANY($3::text[])
-      AND NOT (id = ANY($5::bigint[]))
-      AND ($6::text[] IS NULL OR queue = ANY($6::text[]))
-      AND queue <> ALL (ARRAY(SELECT name FROM taskd.queues WHERE paused))
-      AND (expires_at IS NULL OR expires_at > now())
-    ORDER BY priority DESC, run_at, id
-    LIMIT $2::int
-    FOR UPDATE SKIP LOCKED
+-- Queue by queue: the queues holding waiting tasks are found by a skip scan of the
+-- queue-led index (one probe a queue), each served queue gives its best $2 (locked,
+-- skipping those another claim holds), and the best $2 of those are claimed; the rest
+-- are unlocked at commit. So a paused queue's backlog, or another queue's, costs a
+-- claim nothing (one walk of all waiting rows cost 40-60 ms per claim with 200,000
+-- waiting elsewhere, measured).
+WITH RECURSIVE waiting AS (
+    SELECT min(queue) AS queue FROM taskd.tasks WHERE status IN ('pending', 'retrying')
+    UNION ALL
+    SELECT (SELECT min(t.queue) FROM taskd.tasks t WHERE t.status IN ('pending', 'retrying') AND t.queue > w.queue)
+    FROM waiting w WHERE w.queue IS NOT NULL
+), candidates AS (
+    SELECT c.* FROM waiting w CROSS JOIN LATERAL (
+        SELECT t.id, t.priority, t.run_at FROM taskd.tasks t
+        WHERE t.queue = w.queue AND t.status IN ('pending', 'retrying') AND t.run_at <= now()
+          AND t.task_type = ANY($3::text[]) AND NOT (t.id = ANY($5::bigint[]))
+          AND (t.expires_at IS NULL OR t.expires_at > now())
+        ORDER BY t.priority DESC, t.run_at, t.id
+        LIMIT $2::int
+        FOR UPDATE SKIP LOCKED
+    ) c
+    WHERE w.queue IS NOT NULL AND ($6::text[] IS NULL OR w.queue = ANY($6::text[]))
+      AND w.queue <> ALL (ARRAY(SELECT name FROM taskd.queues WHERE paused))
+), next AS (
+    SELECT id FROM candidates ORDER BY priority DESC, run_at, id LIMIT $2::int
 )
 UPDATE taskd.tasks t
 SET status = 'running',
@@ -71,7 +86,8 @@ SET status = 'running',
     locked_by = $1::text,
     locked_until = now() + make_interval(secs => $4::float8),
     started_at = COALESCE(t.started_at, now()),
-    attempt_started_at = now()
+    attempt_started_at = now(),
+    progress = NULL
 FROM next
 WHERE t.id = next.id
 RETURNING t.id, t.task_type, t.payload::text AS payload, t.attempts, t.max_retries, t.timeout_seconds,
@@ -82,12 +98,21 @@ RETURNING t.id, t.task_type, t.payload::text AS payload, t.attempts, t.max_retri
 -- database's clock (NULL if none is waiting; zero or less if one is due now),
 -- leaving out what the claim would (tasks in $2 that this process may not claim for
 -- now, other queues than $3, paused queues, expired tasks), or it would be woken for
--- work it may not take.
-SELECT extract(epoch FROM min(run_at) - now())::float8 FROM taskd.tasks
-WHERE status IN ('pending', 'retrying') AND task_type = ANY($1::text[]) AND NOT (id = ANY($2::bigint[]))
-  AND ($3::text[] IS NULL OR queue = ANY($3::text[]))
-  AND queue <> ALL (ARRAY(SELECT name FROM taskd.queues WHERE paused))
-  AND (expires_at IS NULL OR expires_at > now());
+-- work it may not take. Queue by queue, as the claim.
+WITH RECURSIVE waiting AS (
+    SELECT min(queue) AS queue FROM taskd.tasks WHERE status IN ('pending', 'retrying')
+    UNION ALL
+    SELECT (SELECT min(t.queue) FROM taskd.tasks t WHERE t.status IN ('pending', 'retrying') AND t.queue > w.queue)
+    FROM waiting w WHERE w.queue IS NOT NULL
+)
+SELECT extract(epoch FROM min(d.run_at) - now())::float8
+FROM waiting w CROSS JOIN LATERAL (
+    SELECT min(t.run_at) AS run_at FROM taskd.tasks t
+    WHERE t.queue = w.queue AND t.status IN ('pending', 'retrying') AND t.task_type = ANY($1::text[])
+      AND NOT (t.id = ANY($2::bigint[])) AND (t.expires_at IS NULL OR t.expires_at > now())
+) d
+WHERE w.queue IS NOT NULL AND ($3::text[] IS NULL OR w.queue = ANY($3::text[]))
+  AND w.queue <> ALL (ARRAY(SELECT name FROM taskd.queues WHERE paused));
 
 -- name: task_finish_many :many
 -- Record many attempts' outcomes in one statement, fenced on the lease owner $1
@@ -124,6 +149,11 @@ RETURNING t.id, t.attempts;
 UPDATE taskd.tasks t
 SET status = CASE WHEN t.cancel_requested_at IS NULL THEN 'pending' ELSE 'cancelled' END,
     finished_at = CASE WHEN t.cancel_requested_at IS NULL THEN NULL ELSE now() END,
+    last_error = CASE WHEN t.cancel_requested_at IS NULL THEN t.last_error
+                      ELSE taskd.stop_error('Cancelled', 'cancelled while running', t.attempts) END,
+    errors = CASE WHEN t.cancel_requested_at IS NULL THEN t.errors
+                  ELSE t.errors || jsonb_build_array(taskd.stop_error('Cancelled', 'cancelled while running',
+                                                                      t.attempts)) END,
     attempts = t.attempts - 1,
     started_at = CASE WHEN t.attempts = 1 THEN NULL ELSE t.started_at END,
     attempt_started_at = NULL,
@@ -287,7 +317,8 @@ RETURNING t.id;
 -- name: task_cancel_where :val
 -- Cancel, as task_cancel does, up to $5 tasks that are waiting or running (not yet
 -- asked to stop) and match the filters: reported status $1 (NULL: any of those),
--- task type $2, queue $3, created before $4. How many were cancelled.
+-- task type $2, queue $3, created before $4, and created no later than $6 (when the
+-- bulk cancel began: a steady producer cannot keep it going). How many were cancelled.
 WITH chosen AS (
     SELECT id FROM taskd.tasks
     WHERE status IN ('pending', 'retrying', 'running') AND cancel_requested_at IS NULL
@@ -296,6 +327,7 @@ WITH chosen AS (
       AND ($2::text IS NULL OR task_type = $2::text)
       AND ($3::text IS NULL OR queue = $3::text)
       AND ($4::timestamptz IS NULL OR created_at < $4::timestamptz)
+      AND created_at <= $6::timestamptz
     ORDER BY id
     LIMIT $5::int
     FOR UPDATE
@@ -316,12 +348,13 @@ SELECT count(*)::int FROM done;
 
 -- name: task_retry :one
 -- Run a failed, cancelled or expired task $1 again: pending now, with a fresh
--- max_retries (the attempts so far stop counting against it; their errors stay).
+-- max_retries and a fresh crash budget (the attempts so far stop counting against
+-- either; their errors stay).
 -- Returns the task as it then is (a claim may take it the moment this commits), as
 -- task_get reads it; nothing for a task in another state, or missing.
 UPDATE taskd.tasks t
 SET status = 'pending', run_at = now(), finished_at = NULL, result = NULL, cancel_requested_at = NULL,
-    expires_at = NULL, attempts_forgiven = t.attempts - t.crashes - t.snoozes
+    expires_at = NULL, progress = NULL, crashes = 0, attempts_forgiven = t.attempts - t.snoozes
 WHERE t.id = $1::bigint AND t.status IN ('failed', 'cancelled', 'expired')
 RETURNING id, task_type, status, payload::text AS payload, result::text AS result,
           attempts, max_retries, crashes, timeout_seconds, created_at, started_at, finished_at,
@@ -346,7 +379,7 @@ WITH chosen AS (
 ), done AS (
     UPDATE taskd.tasks t
     SET status = 'pending', run_at = now(), finished_at = NULL, result = NULL, cancel_requested_at = NULL,
-        expires_at = NULL, attempts_forgiven = t.attempts - t.crashes - t.snoozes
+        expires_at = NULL, progress = NULL, crashes = 0, attempts_forgiven = t.attempts - t.snoozes
     FROM chosen WHERE t.id = chosen.id
     RETURNING 1
 )

@@ -7,8 +7,10 @@ taskd.models, taskd.errors.
 
 from __future__ import annotations
 
+import datetime as dt
+
 from quart import Blueprint, Response, request
-from quart_schema import document_querystring, document_request, document_response
+from quart_schema import document_headers, document_querystring, document_request, document_response
 
 from taskd.config import Settings
 from taskd.errors import IdempotencyConflict, InvalidTask
@@ -37,7 +39,9 @@ from taskd.schemas import (
     CancelFilter,
     CancelledOut,
     ErrorOut,
+    IdempotencyHeader,
     ListQuery,
+    LocationHeader,
     ResultOut,
     RetriedOut,
     RetryFilter,
@@ -84,8 +88,9 @@ def tasks_blueprint(store: Store, registry: Registry, settings: Settings) -> Blu
 
     @bp.post("/tasks")
     @document_request(TaskIn)
-    @document_response(TaskCreated, 201)
-    @document_response(TaskCreated, 200)
+    @document_headers(IdempotencyHeader)
+    @document_response(TaskCreated, 201, LocationHeader)
+    @document_response(TaskCreated, 200, LocationHeader)
     @document_response(ErrorOut, 409)
     @document_response(ErrorOut, 422)
     async def create_task() -> Response:
@@ -240,8 +245,8 @@ def tasks_blueprint(store: Store, registry: Registry, settings: Settings) -> Blu
         if f.status is not None and f.status not in CANCELLABLE:
             raise ApiError(422, "invalid_request", "status: only pending, scheduled, retrying or running tasks can "
                            "be cancelled")
-        n = await store.cancel_where(status=_value(f.status), task_type=f.task_type, queue=f.queue,
-                                     created_before=f.created_before)
+        task_type, before = _text(f.task_type, "task_type"), _time(f.created_before, "created_before")
+        n = await store.cancel_where(status=_value(f.status), task_type=task_type, queue=f.queue, created_before=before)
         return json_response({"cancelled": n})
 
     @bp.post("/tasks/retry")
@@ -253,8 +258,8 @@ def tasks_blueprint(store: Store, registry: Registry, settings: Settings) -> Blu
         f = parse_body(RetryFilter, await body())
         if f.status is not None and f.status not in RETRYABLE:
             raise ApiError(422, "invalid_request", "status: only failed, cancelled or expired tasks can be retried")
-        n = await store.retry_where(status=_value(f.status), task_type=f.task_type, queue=f.queue,
-                                    finished_before=f.finished_before)
+        task_type, before = _text(f.task_type, "task_type"), _time(f.finished_before, "finished_before")
+        n = await store.retry_where(status=_value(f.status), task_type=task_type, queue=f.queue, finished_before=before)
         return json_response({"retried": n})
 
     @bp.delete("/tasks/<int:task_id>")
@@ -273,3 +278,24 @@ def _value(status: TaskStatus | None) -> str | None:
     return None if status is None else status.value
 
 
+def _text(value: str | None, field: str) -> str | None:
+    if value is not None and "\x00" in value:  # PostgreSQL text cannot hold NUL
+        raise ApiError(422, "invalid_request", f"{field}: must not contain the NUL character")
+    return value
+
+
+# The range PostgreSQL's timestamptz and the driver both take, with room to spare.
+_EARLIEST = dt.datetime(1, 1, 2, tzinfo=dt.UTC)
+_LATEST = dt.datetime(9999, 12, 30, tzinfo=dt.UTC)
+
+
+def _time(value: dt.datetime | None, field: str) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        utc = value.astimezone(dt.UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not _EARLIEST <= utc <= _LATEST:
+        raise ApiError(422, "invalid_request", f"{field}: out of range")
+    return utc

@@ -82,11 +82,13 @@ class TaskControl(StoreCore):
 
     async def cancel_where(self, *, status: str | None, task_type: str | None, queue: str | None,
                            created_before: dt.datetime | None) -> int:
-        """Cancel every waiting or running task matching the filters; how many."""
+        """Cancel every waiting or running task matching the filters and submitted before the call;
+        how many."""
+        started = await self._pool.run(self._q["db_now"])
         total = 0
         while True:
             done = await self._pool.run(self._q["task_cancel_where"], status, task_type, queue, created_before,
-                                        BULK_CHUNK)
+                                        BULK_CHUNK, started)
             total += done
             if done < BULK_CHUNK:
                 return total

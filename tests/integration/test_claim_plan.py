@@ -51,7 +51,9 @@ def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def runnable_scan(plan: dict[str, Any]) -> dict[str, Any]:
-    return next(n for n in nodes(plan) if n.get("Index Name") == "tasks_runnable_idx")
+    """The walk of one queue's runnable rows."""
+    return next(n for n in nodes(plan)
+                if n.get("Index Name") == "tasks_runnable_idx" and n["Node Type"] == "Index Scan")
 
 
 async def test_claim_uses_the_runnable_index_with_a_million_finished_rows(aio_loop: object, database_url: str) -> None:
@@ -71,7 +73,9 @@ async def test_claim_walks_the_index_even_before_the_table_is_analyzed(aio_loop:
     plan = await explain(database_url, [(PENDING_SQL, 20000)], CLAIMER_SETTINGS,
                          sql.queries()["task_claim_many"].text, "plan-test", 50, ["echo", "sleep"], 30.0, [], None)
     kinds = {n["Node Type"] for n in nodes(plan)}
-    assert "Sort" not in kinds and "Bitmap Heap Scan" not in kinds, kinds
+    assert "Bitmap Heap Scan" not in kinds, kinds
+    # The only sort is the merge of the queues' best 50, never of all that wait.
+    assert all(n["Actual Rows"] <= 50 for n in nodes(plan) if n["Node Type"] == "Sort")
     assert runnable_scan(plan)["Node Type"] == "Index Scan" and runnable_scan(plan)["Actual Rows"] <= 100
 
 
@@ -88,3 +92,44 @@ async def test_outcomes_are_written_by_primary_key_even_with_stale_statistics(
     assert [(n["Node Type"], n.get("Index Name")) for n in scans] == [("Index Scan", "tasks_pkey")], scans
     assert scans[0]["Actual Rows"] == 1 and scans[0]["Actual Loops"] == 400
     assert plan["Actual Rows"] == 400
+
+
+async def test_a_claim_ignores_the_backlog_of_paused_and_other_queues(aio_loop: object, database_url: str) -> None:
+    """200,000 waiting in a paused queue and in another queue: a claim (for every queue, or a
+    lane's one) and the next-due look-up read only the queues they may take from."""
+    backlog = ("INSERT INTO taskd.tasks (task_type, queue, max_retries, timeout_seconds) "
+               "SELECT 'echo', CASE WHEN g % 2 = 0 THEN 'paused' ELSE 'other' END, 3, 30 "
+               "FROM generate_series(1, 200000) g")
+    setup: list[tuple[Any, ...]] = [(backlog,), (PENDING_SQL, 100),
+                                    ("INSERT INTO taskd.queues (name, paused) VALUES ('paused', true)",),
+             ("ANALYZE taskd.tasks",)]
+    claim = sql.queries()["task_claim_many"].text
+    for queues in (["default"], None):
+        plan = await explain(database_url, setup, CLAIMER_SETTINGS, claim, "plan-test", 50, ["echo"], 30.0, [],
+                             queues)
+        setup = []  # committed by the first explain
+        assert plan["Actual Rows"] == 50
+        read = sum(n.get("Actual Rows", 0) * n.get("Actual Loops", 1) for n in nodes(plan)
+                   if n.get("Relation Name") == "tasks")
+        assert read < 500, (queues, read)  # not the 100,000 of another queue, nor the paused 100,000
+    due = await explain(database_url, setup, CLAIMER_SETTINGS, sql.queries()["task_next_due"].text, ["echo"], [],
+                        ["default"])
+    read = sum(n.get("Actual Rows", 0) * n.get("Actual Loops", 1) for n in nodes(due)
+               if n.get("Relation Name") == "tasks")
+    assert read < 500, read
+
+
+
+async def test_the_cached_generic_claim_plan_updates_by_primary_key(aio_loop: object, database_url: str) -> None:
+    """A prepared claim runs a generic plan after a few calls; on a new database (taskd.queues
+    never analyzed) that plan hashed the whole runnable set on every claim unless told not to."""
+    settings = {**CLAIMER_SETTINGS, "plan_cache_mode": "force_generic_plan"}
+    prepare = ("PREPARE claim(text, int, text[], float8, bigint[], text[]) AS "
+               + sql.queries()["task_claim_many"].text)
+    plan = await explain(database_url, [(PENDING_SQL, 20000), ("VACUUM ANALYZE taskd.tasks",), (prepare,)], settings,
+                         "EXECUTE claim('plan-test', 50, ARRAY['echo'], 30, ARRAY[]::bigint[], NULL)")
+    kinds = {n["Node Type"] for n in nodes(plan)}
+    assert not kinds & {"Hash Join", "Merge Join", "Hash"}, kinds
+    read = sum(n.get("Actual Rows", 0) * n.get("Actual Loops", 1) for n in nodes(plan)
+               if n.get("Relation Name") == "tasks")
+    assert plan["Actual Rows"] == 50 and read < 500, read

@@ -65,6 +65,8 @@ async def test_a_cancel_request_turns_every_unfinished_end_into_cancelled(store:
     await store.release([(ids[3], 1)])
     await raw(store.url, f"UPDATE taskd.tasks SET locked_until = now() - interval '1s' WHERE id = {ids[4]}")
     await store.rescue_expired()
+    released = await store.get(ids[3])
+    assert released is not None and released.last_error["type"] == "Cancelled", "released: cancelled, and says so"
     statuses = [(await store.get(i)).status for i in ids]  # type: ignore[union-attr]
     assert statuses == [TaskStatus.CANCELLED, TaskStatus.COMPLETED, TaskStatus.CANCELLED, TaskStatus.CANCELLED,
                         TaskStatus.CANCELLED]
@@ -185,3 +187,20 @@ async def test_loops_sharing_a_dedicated_connection_take_turns(store: Store) -> 
         nursery.start_soon(beat)
         nursery.start_soon(beat)
     assert got == {"a": 50, "b": 50}
+
+
+async def test_a_retry_by_hand_forgives_crashes_and_a_new_attempt_starts_without_old_progress(store: Store) -> None:
+    (task,) = await store.submit_many([new(max_retries=1)])
+    await store.claim(1, ["echo"], 30)
+    await raw(store.url, f"UPDATE taskd.tasks SET crashes = 2, max_retries = 0 WHERE id = {task.id}")
+    await finish(store, Outcome(task.id, 1, TaskStatus.FAILED, error_json='{"type": "Crashed"}'))
+    retried, again = await store.retry(task.id)
+    assert retried and again is not None and again.crashes == 0
+    (claimed,) = await store.claim(1, ["echo"], 30)
+    assert claimed.crashes == 0 and claimed.retries_used == 0, "not quarantined, and a fresh budget"
+    await store.write_progress([(task.id, 2, '{"fraction": 0.5, "message": "half", "updated_at": "x"}')])
+    assert (await store.get(task.id)).progress_json is not None  # type: ignore[union-attr]
+    await finish(store, Outcome(task.id, 2, TaskStatus.RETRYING, error_json='{"type": "E"}', retry_delay=0))
+    await raw(store.url, f"UPDATE taskd.tasks SET max_retries = 1 WHERE id = {task.id}")
+    (third,) = await store.claim(1, ["echo"], 30)
+    assert third.attempt == 3 and (await store.get(task.id)).progress_json is None  # type: ignore[union-attr]

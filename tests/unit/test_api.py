@@ -275,3 +275,14 @@ async def test_openapi_documents_every_route(client: Any) -> None:
 async def test_wrong_method_is_405_json(client: Any) -> None:
     error = await error_of(await client.put("/tasks"), 405)
     assert error["code"] == "method_not_allowed"
+
+
+async def test_bulk_filters_refuse_what_postgresql_cannot_take(client: Any) -> None:
+    for path, body in [("/tasks/cancel", {"task_type": "a\u0000b"}), ("/tasks/retry", {"task_type": "a\u0000b"}),
+                       ("/tasks/cancel", {"created_before": "0001-01-01T00:00:00+01:00"}),
+                       ("/tasks/retry", {"finished_before": "9999-12-31T23:59:59-01:00"}),
+                       ("/tasks/cancel", {"status": "completed"}), ("/tasks/retry", {"status": "pending"}),
+                       ("/tasks/retry", {"nope": 1})]:
+        response = await client.post(path, json=body)
+        assert response.status_code == 422, (path, body, await response.get_data())
+

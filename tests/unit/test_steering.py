@@ -178,3 +178,45 @@ async def test_a_cancel_the_notice_missed_is_caught_by_the_heartbeat(autojump_cl
         nursery.cancel_scope.cancel()
     assert store.tasks[task_id]["status"] == "cancelled"
     assert store.tasks[task_id]["errors"][-1]["type"] == "Cancelled"
+
+
+def test_fail_and_retry_are_found_inside_exception_groups() -> None:
+    from taskd.control import Fail, Retry, steering
+
+    fail, soon, later = Fail("bad"), Retry(after=1), Retry(after=5)
+    assert steering(fail) is fail and steering(ValueError()) is None
+    assert steering(BaseExceptionGroup("g", [ValueError(), ExceptionGroup("h", [fail])])) is fail
+    assert steering(ExceptionGroup("g", [soon, ExceptionGroup("h", [later])])) is later
+    assert steering(ExceptionGroup("g", [soon, ValueError()])) is None, "a snooze only if nothing else failed"
+    deep: BaseException = soon
+    for _ in range(5000):
+        deep = ExceptionGroup("g", [deep])
+    assert steering(deep) is None, "bounded: a group nested too deep steers nothing"
+
+
+async def test_a_fail_or_retry_raised_in_a_nursery_child_steers_the_task(autojump_clock: trio.abc.Clock) -> None:
+    from taskd.control import Fail, Retry
+
+    registry = Registry()
+
+    @registry.task("child_fails")
+    async def child_fails(payload: Any, ctx: TaskContext) -> None:
+        async def child() -> None:
+            raise Fail("bad input") if payload["fail"] else Retry(after=7)
+
+        if ctx.attempt > 1:
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child)
+
+    store = FakeStore()
+    failed, snoozed = store.add("child_fails", {"fail": True}), store.add("child_fails", {"fail": False}, max_retries=0)
+    pool = WorkerPool(store, registry, Settings(worker_pool_size=2), WorkerGauge(2))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        pool.start_claiming(nursery, pool.start_workers(nursery))
+        with trio.fail_after(100):
+            await store.finished_event.wait()
+        pool.stop_claiming()
+    assert (store.tasks[failed]["status"], store.tasks[failed]["attempts"]) == ("failed", 1)
+    assert (store.tasks[snoozed]["status"], store.tasks[snoozed]["attempts"]) == ("completed", 2)
+    assert store.outcomes[0].snoozed or store.outcomes[1].snoozed
