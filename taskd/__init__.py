@@ -1,12 +1,14 @@
 """taskd: a PostgreSQL-backed task queue server.
 
 Register handlers with `@taskd.task("name")`; enqueue from your own asyncpg
-connection or transaction with `await taskd.enqueue(conn, "name", payload)`.
+connection or transaction with `await taskd.enqueue(conn, "name", payload)`; steer
+with `taskd.cancel`, `taskd.retry`, `taskd.pause_queue` and `taskd.resume_queue` the same way.
 """
 
-from taskd.client import enqueue, enqueue_many, prepare
+from taskd.client import cancel, enqueue, enqueue_many, pause_queue, prepare, resume_queue, retry
 from taskd.control import Fail, Retry
 from taskd.registry import TaskContext, task
 
-__all__ = ["Fail", "Retry", "TaskContext", "enqueue", "enqueue_many", "prepare", "task"]
+__all__ = ["Fail", "Retry", "TaskContext", "cancel", "enqueue", "enqueue_many", "pause_queue", "prepare",
+           "resume_queue", "retry", "task"]
 __version__ = "0.1.0"

@@ -1,11 +1,13 @@
-"""Enqueue from your own code, inside your own transaction: `await taskd.enqueue(conn, ...)`
+"""Enqueue (and cancel, retry, pause) from your own code, inside your own transaction:
+`await taskd.enqueue(conn, ...)`
 with an asyncpg connection, from asyncio (under trio, wrap it in trio_asyncio.aio_as_trio).
 The task is validated and its limits resolved by the same function as the HTTP API's
 (the task's own, then its handler's, then the server settings found in the
 environment and ./.env), and inserted by the same named statements, idempotency keys
 included, so it commits or rolls back with your transaction and wakes the workers at commit.
 
-Imports taskd.sql, taskd.store, taskd.registry, taskd.builtin_tasks, taskd.config, taskd.models.
+Imports taskd.sql, taskd.store, taskd.registry, taskd.builtin_tasks, taskd.config, taskd.models,
+taskd.errors.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from taskd import (
     store,
 )
 from taskd.config import Settings, load_settings
+from taskd.errors import InvalidTask
 from taskd.models import NewTask, Submitted
-from taskd.registry import Registry, default_registry
+from taskd.registry import QUEUE_RULE, Registry, default_registry, is_queue_name
 
 _METHODS = {"many": "fetch", "one": "fetchrow", "val": "fetchval", "exec": "execute"}
 
@@ -80,3 +83,34 @@ async def enqueue(conn: Any, task_type: str, payload: Any = None, *, max_retries
                    expires_in_seconds=expires_in_seconds, idempotency_key=idempotency_key)
     (task_id,) = await enqueue_many(conn, [task])
     return task_id
+
+
+# -- steering from Python, through the caller's connection (the same statements as the API) --------
+
+
+async def cancel(conn: Any, task_id: int) -> bool:
+    """Cancel a task as POST /tasks/{id}/cancel does: a waiting one ends cancelled, a running one
+    is stopped by its process. False if it had finished already (or does not exist)."""
+    return await _Caller(conn).run(sql.queries()["task_cancel"], task_id) is not None
+
+
+async def retry(conn: Any, task_id: int) -> bool:
+    """Run a failed, cancelled or expired task again, as POST /tasks/{id}/retry does. False if it
+    is in another state (or does not exist)."""
+    return await _Caller(conn).run(sql.queries()["task_retry"], task_id) is not None
+
+
+async def pause_queue(conn: Any, name: str) -> None:
+    """Stop every process claiming from the queue, as POST /queues/{name}/pause does."""
+    await _set_paused(conn, name, True)
+
+
+async def resume_queue(conn: Any, name: str) -> None:
+    """Let every process claim from the queue again."""
+    await _set_paused(conn, name, False)
+
+
+async def _set_paused(conn: Any, name: str, paused: bool) -> None:
+    if not is_queue_name(name):
+        raise InvalidTask(f"queue must be {QUEUE_RULE}", field="queue")
+    await _Caller(conn).run(sql.queries()["queue_set_paused"], name, paused)

@@ -204,3 +204,32 @@ async def test_a_retry_by_hand_forgives_crashes_and_a_new_attempt_starts_without
     await raw(store.url, f"UPDATE taskd.tasks SET max_retries = 1 WHERE id = {task.id}")
     (third,) = await store.claim(1, ["echo"], 30)
     assert third.attempt == 3 and (await store.get(task.id)).progress_json is None  # type: ignore[union-attr]
+
+
+async def test_python_steers_through_the_callers_connection(store: Store) -> None:
+    import asyncpg
+    import trio_asyncio
+
+    import taskd
+
+    (done,) = await store.submit_many([new()])
+    await store.claim(1, ["echo"], 30)
+    await finish(store, Outcome(done.id, 1, TaskStatus.FAILED, error_json='{"type": "E"}'))
+
+    async def in_asyncio() -> tuple[int, list[bool]]:
+        conn = await asyncpg.connect(store.url)
+        try:
+            await taskd.pause_queue(conn, "mail")
+            waiting = await taskd.enqueue(conn, "echo", {}, queue="mail", idempotency_key="k1")
+            again = await taskd.enqueue(conn, "echo", {}, queue="mail", idempotency_key="k1")
+            assert again == waiting
+            return waiting, [await taskd.cancel(conn, waiting), await taskd.cancel(conn, waiting),
+                             await taskd.retry(conn, done.id), await taskd.retry(conn, done.id)]
+        finally:
+            await conn.close()
+
+    waiting, answers = await trio_asyncio.aio_as_trio(in_asyncio)()
+    assert answers == [True, False, True, False]
+    assert (await store.get(waiting)).status == TaskStatus.CANCELLED  # type: ignore[union-attr]
+    assert (await store.get(done.id)).status == TaskStatus.PENDING  # type: ignore[union-attr]
+    assert [q["paused"] for q in await store.queues("mail")] == [True]
