@@ -125,6 +125,7 @@ class StoreCore:
         self._heartbeat = Dedicated(url, "heartbeat", self.outage, FINISHER_SETTINGS)
         self._listener = Dedicated(url, "listener", self.outage)
         self._signals: list[WorkSignal] = []
+        self._keyed_slots = trio.CapacityLimiter(max(1, pool.usage()["max"] // 2))
         self._cancel_callbacks: list[Callable[[int, int], None]] = []
         self._written_callbacks: list[Callable[[Sequence[Outcome], set[tuple[int, int]]], None]] = []
         self._outcome_retries_stopped = False
@@ -238,8 +239,10 @@ class StoreCore:
         if task.idempotency_key is not None:
             # On a pooled connection of its own: the insert waits while another transaction
             # holds the same key uncommitted (an application's, through taskd.enqueue), and
-            # the submits coalesced on the inserter must not wait with it.
-            (result,) = await insert_tasks(self._pool, self._q, [task])
+            # the submits coalesced on the inserter must not wait with it. At most half the
+            # pool at once, so keys held a long time cannot take the reads' connections too.
+            async with self._keyed_slots:
+                (result,) = await insert_tasks(self._pool, self._q, [task])
             if isinstance(result, BaseException):
                 raise result
             return result

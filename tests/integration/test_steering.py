@@ -67,6 +67,7 @@ async def test_a_cancel_request_turns_every_unfinished_end_into_cancelled(store:
     await store.rescue_expired()
     released = await store.get(ids[3])
     assert released is not None and released.last_error["type"] == "Cancelled", "released: cancelled, and says so"
+    assert released.attempts == 1, "its attempt keeps its number: a notice naming it must not stop a later one"
     statuses = [(await store.get(i)).status for i in ids]  # type: ignore[union-attr]
     assert statuses == [TaskStatus.CANCELLED, TaskStatus.COMPLETED, TaskStatus.CANCELLED, TaskStatus.CANCELLED,
                         TaskStatus.CANCELLED]
