@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import random
 from collections.abc import Sequence
 
@@ -47,6 +48,10 @@ RECENT_CANCELS = 10_000
 
 HEARTBEAT_RETRY = 0.5
 PROGRESS_EVERY = 1.0  # seconds: a task's progress is written at most this often
+# How long a lane of every queue trusts its list of waiting queues. While one queue alone
+# waits, it claims from it by the cheaper one-queue statement; a queue that starts to
+# wait meanwhile is seen at the latest this much later (at once if a claim comes up short).
+WAITING_QUEUES_TTL = 1.0
 CLAIM_LIMIT = 10.0  # seconds a claim may take before it is abandoned (its tasks then rescued)
 
 
@@ -71,6 +76,9 @@ class Lane:
     size: int
     slots: trio.Semaphore
     signal: WorkSignal
+    # For a lane of every queue: the queues seen waiting, and when (trio's clock).
+    waiting: tuple[str, ...] = ()
+    waiting_seen_at: float = -math.inf
 
     @property
     def name(self) -> str:
@@ -273,7 +281,8 @@ class WorkerPool:
                     lane.signal.clear()
                     task_types = self._claimable_types()
                     skip = self._skip()
-                    attempts = await self._claim(reserved, task_types, skip, lane.queues)
+                    queues = await self._queues_to_claim(lane)
+                    attempts = await self._claim(reserved, task_types, skip, queues)
                     for _ in range(reserved - len(attempts)):
                         lane.slots.release()
                     for attempt in attempts:
@@ -284,7 +293,23 @@ class WorkerPool:
                         self._attempts[attempt.key] = attempt
                         send.send_nowait(attempt)
                     if len(attempts) < reserved:
+                        lane.waiting_seen_at = -math.inf  # look again: another queue may have work now
                         await self._wait_for_work(lane, task_types, skip)
+
+    async def _queues_to_claim(self, lane: Lane) -> tuple[str, ...] | None:
+        """The lane's own queues; for a lane of every queue, the one queue waiting if only one
+        is (the cheaper claim), else None (every queue, queue by queue)."""
+        if lane.queues is not None:
+            return lane.queues
+        now = trio.current_time()
+        if now - lane.waiting_seen_at > WAITING_QUEUES_TTL:
+            lane.waiting_seen_at = now
+            try:
+                lane.waiting = tuple(await self.store.waiting_queues())
+            except DatabaseError as exc:
+                log.debug("listing the waiting queues failed: %s", exc)
+                lane.waiting = ()
+        return lane.waiting if len(lane.waiting) == 1 else None
 
     async def _claim(self, wanted: int, task_types: list[str], skip: list[int],
                      queues: tuple[str, ...] | None) -> list[Attempt]:

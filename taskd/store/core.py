@@ -75,7 +75,8 @@ FINISHER_SETTINGS = {
 }
 
 CORE_QUERIES = frozenset({
-    "task_insert_many", "task_insert_keyed", "task_by_idempotency_keys", "task_claim_many", "task_next_due",
+    "task_insert_many", "task_insert_keyed", "task_by_idempotency_keys", "task_claim_many", "task_claim_queue",
+    "task_waiting_queues", "task_next_due",
     "task_finish_many", "task_release_many", "task_extend_leases", "task_progress_many", "task_rescue_expired",
     "task_expire",
     "process_heartbeat", "process_remove", "process_prune",
@@ -289,15 +290,23 @@ class StoreCore:
                     skip: Sequence[int] = (), queues: Sequence[str] | None = None) -> list[ClaimedTask]:
         """Lease up to `limit` runnable tasks of the given types and queues (None: any queue not
         paused), except those in `skip`, to this process."""
-        rows = await self._claimer.run(
-            self._q["task_claim_many"], self.process_id, limit, list(task_types), lease_seconds, list(skip),
-            None if queues is None else list(queues))
+        if queues is not None and len(queues) == 1:
+            rows = await self._claimer.run(self._q["task_claim_queue"], self.process_id, limit, list(task_types),
+                                           lease_seconds, list(skip), queues[0])
+        else:
+            rows = await self._claimer.run(
+                self._q["task_claim_many"], self.process_id, limit, list(task_types), lease_seconds, list(skip),
+                None if queues is None else list(queues))
         return [
             ClaimedTask(row["id"], row["task_type"], row["payload"], row["attempts"],
                         row["max_retries"], row["timeout_seconds"], row["crashes"], row["snoozes"],
                         row["attempts_forgiven"])
             for row in rows
         ]
+
+    async def waiting_queues(self) -> list[str]:
+        """The queues that hold waiting tasks, paused ones included."""
+        return [row["queue"] for row in await self._claimer.run(self._q["task_waiting_queues"])]
 
     async def seconds_until_due(self, task_types: Sequence[str], skip: Sequence[int] = (),
                                 queues: Sequence[str] | None = None) -> float | None:

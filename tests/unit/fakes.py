@@ -99,6 +99,9 @@ class FakeStore:
                                            row["max_retries"], row["timeout"], row["crashes"], row["snoozes"]))
         return claimed
 
+    async def waiting_queues(self) -> list[str]:
+        return sorted({r["queue"] for r in self.tasks.values() if r["status"] in ("pending", "retrying")})
+
     async def seconds_until_due(self, task_types: Sequence[str], skip: Sequence[int] = (),
                                 queues: Sequence[str] | None = None) -> float | None:
         due = [r["run_at"] for r in self.tasks.values()
