@@ -50,7 +50,8 @@ HEARTBEAT_RETRY = 0.5
 PROGRESS_EVERY = 1.0  # seconds: a task's progress is written at most this often
 # How long a lane of every queue trusts its list of waiting queues. While one queue alone
 # waits, it claims from it by the cheaper one-queue statement; a queue that starts to
-# wait meanwhile is seen at the latest this much later (at once if a claim comes up short).
+# wait meanwhile is seen at the latest this much later (at once if a claim leaves due
+# work behind).
 WAITING_QUEUES_TTL = 1.0
 CLAIM_LIMIT = 10.0  # seconds a claim may take before it is abandoned (its tasks then rescued)
 
@@ -293,7 +294,6 @@ class WorkerPool:
                         self._attempts[attempt.key] = attempt
                         send.send_nowait(attempt)
                     if len(attempts) < reserved:
-                        lane.waiting_seen_at = -math.inf  # look again: another queue may have work now
                         await self._wait_for_work(lane, task_types, skip)
 
     async def _queues_to_claim(self, lane: Lane) -> tuple[str, ...] | None:
@@ -335,6 +335,10 @@ class WorkerPool:
         except DatabaseError as exc:
             log.debug("reading the next due time failed: %s", exc)
             until_due = None
+        if until_due is not None and until_due <= 0:
+            # Work is due that this claim did not get: perhaps in a queue that started to
+            # wait since the lane last looked (or claimed by another process meanwhile).
+            lane.waiting_seen_at = -math.inf
         wait = POLL_INTERVAL if until_due is None else min(POLL_INTERVAL, max(MIN_WAIT, until_due))
         with trio.move_on_after(wait):
             await lane.signal.wait()
