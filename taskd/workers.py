@@ -13,8 +13,8 @@ whose lease this process could not renew in time is cancelled before another
 process may take the task, its outcome discarded and the task released.
 
 The server starts these loops in its nurseries; this module opens none.
-Imports taskd.store, taskd.attempts, taskd.registry, taskd.config, taskd.models,
-taskd.failures, taskd.errors, taskd.jsontext.
+Imports taskd.store, taskd.attempts, taskd.outcomes (what an attempt's end becomes),
+taskd.registry, taskd.config, taskd.models, taskd.failures, taskd.errors, taskd.jsontext.
 """
 
 from __future__ import annotations
@@ -23,18 +23,15 @@ import collections
 import dataclasses
 import logging
 import math
-import random
 from collections.abc import Sequence
 
 import trio
 
-from taskd import failures, jsontext
-from taskd.attempts import Attempt, HandlerEnded, ThreadTracker, crash_error, run_handler
+from taskd import failures, jsontext, outcomes
+from taskd.attempts import Attempt, ThreadTracker, run_handler
 from taskd.config import Settings
-from taskd.control import Fail, Retry, steering
 from taskd.errors import DatabaseError
 from taskd.models import Outcome, TaskStatus, WorkerGauge, attempt_error
-from taskd.quarantine import QuarantinedFailure
 from taskd.registry import Registry
 from taskd.store import Store, WorkSignal
 
@@ -61,12 +58,6 @@ def lease_deadline(sent_at: float, lease: float) -> float:
     locked_until (set when the database ran the statement, later than `sent_at`), so an
     attempt cut off is stopped before another process can be given the task."""
     return sent_at + lease - min(lease / 4, 5.0)
-
-
-def retry_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff for the retry after `attempt` (1-based), capped, with equal jitter."""
-    ceiling = min(cap, base * 2 ** min(attempt - 1, 60))
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
 @dataclasses.dataclass(eq=False)
@@ -360,7 +351,7 @@ class WorkerPool:
             self._settle_without_outcome(attempt)
             return
         if attempt.cancelled:
-            await self.store.record(self._cancelled(attempt, "cancelled before it started"))
+            await self.store.record(outcomes.cancelled(attempt, "cancelled before it started"))
             return
         handler = self.registry.get(task.task_type)
         assert handler is not None, "the claim only asks for registered types"
@@ -378,10 +369,10 @@ class WorkerPool:
         if attempt.cancelled and ended.error is not None:
             # (One that completed before the cancel reached it keeps its result.)
             log.info("task %d (%s) attempt %d cancelled while running", task.id, task.task_type, task.attempt)
-            await self.store.record(self._cancelled(attempt, "cancelled while running"))
+            await self.store.record(outcomes.cancelled(attempt, "cancelled while running"))
             return
         try:
-            outcome = self._outcome(attempt, ended)
+            outcome = outcomes.of(attempt, ended, self.settings)
         except BaseException as exc:  # noqa: BLE001  (describing must not cost the worker, nor the result)
             if isinstance(exc, trio.Cancelled):
                 raise
@@ -392,18 +383,10 @@ class WorkerPool:
                 outcome = Outcome(task.id, task.attempt, TaskStatus.FAILED, error_json=jsontext.dumps(attempt_error(
                     "OutcomeNotDescribed", failures.error_type(exc), task.attempt)))
         outcome.progress_json = attempt.progress_to_write()
-        self._log_outcome(attempt, outcome)
+        outcomes.log(attempt, outcome)
         # Handed over, not awaited: the Store writes outcomes in batches, and calls
         # back once written; until then the heartbeat keeps renewing the lease.
         await self.store.record(outcome)
-
-    def _cancelled(self, attempt: Attempt, message: str) -> Outcome:
-        """The end of an attempt stopped because its task was cancelled (or deleted: then the
-        lease fence turns it away, as the row is gone)."""
-        task = attempt.task
-        error = jsontext.dumps(attempt_error("Cancelled", message, task.attempt))
-        return Outcome(task.id, task.attempt, TaskStatus.CANCELLED, error_json=error,
-                       progress_json=attempt.progress_to_write())
 
     def _settle_without_outcome(self, attempt: Attempt, *, no_thread: bool = False) -> None:
         self._attempts.pop(attempt.key, None)
@@ -419,50 +402,3 @@ class WorkerPool:
         log.info("task %d attempt %d: cancelled, since this process could not renew its lease in time; "
                  "it will be released or rescued", *attempt.key)
         self._to_release.add(attempt.key)
-
-    def _outcome(self, attempt: Attempt, ended: HandlerEnded) -> Outcome:
-        task = attempt.task
-        # Kept with every outcome: if the database refuses to store it, the store
-        # records a failed attempt instead and needs to know whether to retry.
-        may_retry = task.retries_used < task.max_retries
-        delay = retry_delay(task.retries_used + 1, self.settings.retry_delay, self.settings.retry_delay_max)
-        if ended.error is None:
-            return Outcome(task.id, task.attempt, TaskStatus.COMPLETED, result_json=ended.result_json,
-                           retry_delay=delay, may_retry=may_retry)
-        if isinstance(ended.error, failures.Crashed):
-            error_json, give_up = crash_error(task, ended.error, self.settings.max_crashes)
-            status = TaskStatus.FAILED if give_up else TaskStatus.RETRYING
-            return Outcome(task.id, task.attempt, status, error_json=error_json, retry_delay=delay,
-                           may_retry=not give_up, crashed=True)
-        control = steering(ended.error)
-        if isinstance(control, Retry):
-            # A snooze, not a failure: no error recorded, no retry spent.
-            return Outcome(task.id, task.attempt, TaskStatus.RETRYING, retry_delay=control.after, may_retry=True,
-                           snoozed=True)
-        if isinstance(ended.error, failures.PayloadUnreadable) or isinstance(control, Fail) or (
-                isinstance(ended.error, QuarantinedFailure) and ended.error.final):
-            may_retry = False  # the row will not read better next time; the handler said so
-        error_json = ended.error_json(task.attempt)
-        if may_retry:
-            return Outcome(task.id, task.attempt, TaskStatus.RETRYING, error_json=error_json, retry_delay=delay,
-                           may_retry=True)
-        return Outcome(task.id, task.attempt, TaskStatus.FAILED, error_json=error_json)
-
-    def _log_outcome(self, attempt: Attempt, outcome: Outcome) -> None:
-        task = attempt.task
-        if outcome.status == TaskStatus.COMPLETED:
-            log.debug("task %d (%s) completed on attempt %d", task.id, task.task_type, task.attempt)
-        elif outcome.snoozed:
-            log.debug("task %d (%s) attempt %d snoozed; runs again in %.2fs", task.id, task.task_type,
-                      task.attempt, outcome.retry_delay)
-        elif outcome.status == TaskStatus.RETRYING:
-            log.info("task %d (%s) attempt %d failed, retry in %.2fs: %s", task.id, task.task_type,
-                     task.attempt, outcome.retry_delay, _error_summary(outcome))
-        else:
-            log.warning("task %d (%s) failed after %d attempts: %s", task.id, task.task_type,
-                        task.attempt, _error_summary(outcome))
-
-
-def _error_summary(outcome: Outcome) -> str:
-    error = jsontext.loads(outcome.error_json) or {}
-    return f"{error.get('type')}: {error.get('message')}"

@@ -12,12 +12,10 @@ from taskd.store.core import (
     CLAIMER_SETTINGS,
     FINISHER_SETTINGS,
     NEW_WORK_CHANNEL,
-    Runner,
     WorkSignal,
-    insert_args,
-    insert_tasks,
     new_process_id,
 )
+from taskd.store.inserts import Runner, insert_args, insert_tasks
 from taskd.store.queues import QueueControl
 from taskd.store.stats import StatsReads
 from taskd.store.tasks import TaskControl

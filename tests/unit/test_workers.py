@@ -6,8 +6,9 @@ import trio
 
 from taskd.config import Settings
 from taskd.models import TaskStatus, WorkerGauge
+from taskd.outcomes import retry_delay
 from taskd.registry import Registry, TaskContext
-from taskd.workers import WorkerPool, retry_delay
+from taskd.workers import WorkerPool
 
 from .fakes import FakeStore
 
