@@ -327,21 +327,40 @@ DELETE FROM taskd.tasks WHERE id = $1::bigint RETURNING status;
 
 -- name: task_expire :many
 -- End up to $1 waiting tasks whose expiry has passed as expired; they never ran
--- (again). Oldest deadline first; rows being claimed right now are left to the next sweep.
-WITH due AS (
-    SELECT id FROM taskd.tasks
-    WHERE expires_at <= now() AND status IN ('pending', 'retrying') AND expires_at IS NOT NULL
-    ORDER BY expires_at
+-- (again). Oldest deadline first, from the list of deadlines (taskd.expiring). The
+-- task's own expires_at decides (a retry clears it); an entry whose task no longer
+-- waits is dropped; a waiting task locked right now (being claimed, cancelled) keeps
+-- its entry for the next sweep. Tasks are reached by id through arrays, so that the
+-- plan is lookups by primary key whatever the planner guesses of the list's size
+-- (a hash join against the whole task table, every second, was its first choice).
+WITH due AS MATERIALIZED (
+    SELECT e.task_id FROM taskd.expiring e
+    WHERE e.expires_at <= now()
+    ORDER BY e.expires_at
     LIMIT $1::int
     FOR UPDATE SKIP LOCKED
-), err AS (
-    SELECT t.id, taskd.stop_error('Expired', 'not started before it expired at ' || t.expires_at, t.attempts) AS error
-    FROM taskd.tasks t JOIN due USING (id)
+), hit AS MATERIALIZED (
+    SELECT t.id FROM taskd.tasks t
+    WHERE t.id = ANY (ARRAY(SELECT task_id FROM due))
+      AND t.status IN ('pending', 'retrying') AND t.expires_at <= now()
+    ORDER BY t.id
+    FOR UPDATE OF t SKIP LOCKED
+), held AS MATERIALIZED (
+    -- Waiting and due, but locked by someone else: looked at again next time.
+    SELECT t.id FROM taskd.tasks t
+    WHERE t.id = ANY (ARRAY(SELECT task_id FROM due))
+      AND t.status IN ('pending', 'retrying') AND t.expires_at <= now()
+      AND t.id <> ALL (ARRAY(SELECT id FROM hit))
+), dropped AS (
+    DELETE FROM taskd.expiring e
+    WHERE e.task_id = ANY (ARRAY(SELECT task_id FROM due)) AND e.task_id <> ALL (ARRAY(SELECT id FROM held))
 )
 UPDATE taskd.tasks t
-SET status = 'expired', finished_at = now(), last_error = err.error, errors = t.errors || jsonb_build_array(err.error)
-FROM err
-WHERE t.id = err.id
+SET status = 'expired', finished_at = now(),
+    last_error = taskd.stop_error('Expired', 'not started before it expired at ' || t.expires_at, t.attempts),
+    errors = t.errors || jsonb_build_array(
+        taskd.stop_error('Expired', 'not started before it expired at ' || t.expires_at, t.attempts))
+WHERE t.id = ANY (ARRAY(SELECT id FROM hit))
 RETURNING t.id;
 
 -- name: task_cancel :one

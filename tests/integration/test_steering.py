@@ -4,11 +4,17 @@ expiry, paused queues, and retries by hand."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+import asyncpg
 import pytest
 import trio
+import trio_asyncio
 
 from taskd.errors import IdempotencyConflict
 from taskd.models import NewTask, Outcome, Submitted, TaskStatus
@@ -96,6 +102,59 @@ async def test_expired_tasks_are_never_claimed_and_the_sweep_marks_them(store: S
     task = await store.get(soon.id)
     assert task is not None and task.status == TaskStatus.EXPIRED and task.last_error["type"] == "Expired"
     assert await store.expire_due() == []
+
+
+async def expiring(store: Store) -> dict[int, dt.datetime]:
+    (rows,) = await raw(store.url, "SELECT task_id, expires_at FROM taskd.expiring")
+    return {row[0]: row[1] for row in rows}
+
+
+async def test_the_list_of_deadlines_holds_only_tasks_with_one_and_the_sweep_empties_it(store: Store) -> None:
+    plain, ran, retried, held = await store.submit_many([new(), new(expires_in=0.3), new(expires_in=0.3),
+                                                        new(expires_in=0.3)])
+    assert set(await expiring(store)) == {ran.id, retried.id, held.id}, "a task without a deadline costs no entry"
+    (claimed,) = await store.claim(1, ["echo"], 30)  # the oldest waiting with a deadline still ahead: `plain`
+    assert claimed.id == plain.id
+    await store.cancel(ran.id)  # ends before its deadline: its entry goes at the sweep, the task stays cancelled
+    await store.cancel(retried.id)
+    await store.retry(retried.id)  # back to pending with its deadline cleared: must not expire
+    await trio.sleep(0.4)
+    async with row_locked(store.url, held.id):
+        # Due, waiting, but held by another transaction right now: skipped, and kept for next time.
+        assert await store.expire_due() == []
+        assert set(await expiring(store)) == {held.id}
+    assert await store.expire_due() == [held.id]
+    assert await expiring(store) == {}
+    statuses = {t: (await store.get(t)).status for t in (ran.id, retried.id, held.id)}  # type: ignore[union-attr]
+    assert statuses == {ran.id: TaskStatus.CANCELLED, retried.id: TaskStatus.PENDING, held.id: TaskStatus.EXPIRED}
+
+
+async def test_the_expiry_sweep_reads_the_list_of_deadlines_not_the_task_table(store: Store) -> None:
+    await raw(store.url, "INSERT INTO taskd.tasks (task_type, max_retries, timeout_seconds) "
+                         "SELECT 'echo', 0, 30 FROM generate_series(1, 20000)")
+    await raw(store.url, "ANALYZE taskd.tasks")
+    (plan,) = await raw(store.url, "EXPLAIN (FORMAT JSON) " + store._q["task_expire"].text.replace("$1::int", "1000"))
+    nodes = list(plan_nodes(json.loads(plan[0][0])[0]["Plan"]))
+    assert ("Index Scan", "expiring_due_idx") in [(n["Node Type"], n.get("Index Name")) for n in nodes]
+    assert not [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"], nodes
+
+
+def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+@contextlib.asynccontextmanager
+async def row_locked(url: str, task_id: int) -> AsyncIterator[None]:
+    """Task `task_id` locked FOR UPDATE by another connection's open transaction."""
+    conn = await trio_asyncio.aio_as_trio(asyncpg.connect)(url)
+    try:
+        await trio_asyncio.aio_as_trio(conn.execute)("BEGIN")
+        await trio_asyncio.aio_as_trio(conn.execute)(f"SELECT 1 FROM taskd.tasks WHERE id = {int(task_id)} FOR UPDATE")
+        yield
+    finally:
+        await trio_asyncio.aio_as_trio(conn.close)()
 
 
 async def test_a_paused_queue_is_not_claimed_and_wakes_no_claimer(store: Store) -> None:
