@@ -3,7 +3,8 @@ logging; task modules; the database (embedded unless DATABASE_URL); then the ser
 
 Exit status: 0 after a clean shutdown, and after SIGTERM or SIGINT at any point of
 start-up (a stop asked for is a clean stop); 1 when the database or the port cannot
-be had; 2 for an invalid setting. Errors a user can fix are one line, no traceback.
+be had; 2 for an invalid setting, or a database schema newer than this taskd. Errors a
+user can fix are one line, no traceback.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import trio
 
 from taskd import builtin_tasks  # noqa: F401  (registers echo, sleep, data_processing)
 from taskd.config import SETTINGS, Settings, load_settings, redacted_url
-from taskd.errors import ConfigError, DatabaseError, DatabaseUnavailable, StartupCancelled
+from taskd.errors import ConfigError, DatabaseError, DatabaseUnavailable, SchemaTooNew, StartupCancelled
 from taskd.registry import Registry, default_registry
 
 if TYPE_CHECKING:
@@ -169,6 +170,7 @@ def _main(argv: Sequence[str] | None, stop: StopSignals | None) -> NoReturn:
     url = settings.database_url
     banner = ""
     problem: str | None = None
+    problem_status = 1
     stop_message: str | None = None
     try:
         if url is None:
@@ -182,6 +184,8 @@ def _main(argv: Sequence[str] | None, stop: StopSignals | None) -> NoReturn:
         stop_message = str(_first(group))
     except* KeyboardInterrupt:
         stop_message = f"stopped by {stop.name if stop else 'SIGINT'} during start-up"
+    except* SchemaTooNew as group:  # a later release's database: running, or waiting, would not fix it
+        problem, problem_status = str(_first(group)), 2
     except* DatabaseUnavailable as group:
         problem = f"cannot reach the database: {_first(group)}"
     except* DatabaseError as group:
@@ -198,7 +202,7 @@ def _main(argv: Sequence[str] | None, stop: StopSignals | None) -> NoReturn:
     if stop_message is not None:  # a stop asked for wins over what failed as it was carried out
         stopped(stop_message)
     if problem is not None:
-        fail(1, problem)
+        fail(problem_status, problem)
     raise SystemExit(0)
 
 

@@ -7,7 +7,8 @@
     │   └── DatabaseUnavailable  the database cannot be reached
     ├── InvalidTask            a task submitted by a client is not acceptable (HTTP 422)
     ├── IdempotencyConflict    an idempotency key already made a task from another request (HTTP 409)
-    └── StartupCancelled       SIGTERM/SIGINT before taskd was serving (the CLI exits 0 with one line)
+    ├── StartupCancelled       SIGTERM/SIGINT before taskd was serving (the CLI exits 0 with one line)
+    └── SchemaTooNew           the database's schema is newer than this taskd (the CLI exits 2)
 """
 
 from __future__ import annotations
@@ -58,3 +59,14 @@ class IdempotencyConflict(TaskdError):
 
 class StartupCancelled(TaskdError):
     """A stop was asked for (SIGTERM/SIGINT) before taskd was serving; a clean stop, not a failure."""
+
+
+class SchemaTooNew(TaskdError):
+    """A later release migrated the database past what this taskd knows: it must not run there
+    (nor migrate it). Raised before any migration is applied."""
+
+    def __init__(self, database_version: int, known_version: int) -> None:
+        super().__init__(f"the database's schema is at version {database_version}, newer than this taskd "
+                         f"({known_version}): upgrade taskd, or point it at another database")
+        self.database_version = database_version
+        self.known_version = known_version

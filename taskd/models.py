@@ -21,6 +21,22 @@ class TaskStatus(enum.StrEnum):
     EXPIRED = "expired"  # not started before its expires_at; never ran
 
 
+class UnknownStatus(str):
+    """A status this release does not know, written by a later one sharing the database.
+
+    Reported as it is (its `value` is its text, as a TaskStatus's is); it is in none of the
+    sets below, so this release neither claims, cancels nor retries such a task. Made by
+    taskd.rows.parse_status."""
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+Status = TaskStatus | UnknownStatus
+
 FINISHED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.EXPIRED})
 CANCELLABLE = frozenset({TaskStatus.PENDING, TaskStatus.SCHEDULED, TaskStatus.RETRYING, TaskStatus.RUNNING})
 RETRYABLE = frozenset({TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.EXPIRED})
@@ -65,7 +81,7 @@ class Submitted:
 
     id: int
     created: bool
-    status: TaskStatus  # as clients see it now
+    status: Status  # as clients see it now
 
 
 # ClaimedTask and Outcome are made once per task on the hot path: plain slotted
@@ -124,7 +140,7 @@ class Task:
 
     id: int
     task_type: str
-    status: TaskStatus
+    status: Status
     payload_json: str
     result_json: str | None
     attempts: int
@@ -172,7 +188,7 @@ class TaskSummary:
 
     id: int
     task_type: str
-    status: TaskStatus
+    status: Status
     attempts: int
     max_retries: int
     crashes: int

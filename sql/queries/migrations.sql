@@ -1,6 +1,10 @@
--- name: migration_lock :exec
--- Serialise migrations between processes starting at once (released at session end too).
-SELECT pg_advisory_lock(499851160420);
+-- name: migration_lock :val
+-- Try to take the lock that serialises migrations between processes (released at
+-- session end too); true if taken. Never waited for inside a statement: a session
+-- waiting in pg_advisory_lock holds a snapshot, which CREATE INDEX CONCURRENTLY run by
+-- the holder must outwait, and PostgreSQL breaks that cycle by failing the index
+-- build (measured). The caller polls instead.
+SELECT pg_try_advisory_lock(499851160420);
 
 -- name: migration_unlock :exec
 -- Release the migration lock taken by migration_lock.
@@ -22,3 +26,14 @@ SELECT version FROM taskd.migrations ORDER BY version;
 -- name: migration_record :exec
 -- Record that migration $1 ($2) was applied, in the same transaction as its body.
 INSERT INTO taskd.migrations (version, name) VALUES ($1::int, $2::text);
+
+-- name: migration_invalid_indexes :many
+-- Of the indexes named in $1 in schema taskd, those an interrupted CREATE INDEX
+-- CONCURRENTLY left INVALID (IF NOT EXISTS would skip them), each with the statement
+-- that drops it, its name quoted by format(): DROP INDEX takes no parameters.
+SELECT c.relname AS name, format('DROP INDEX CONCURRENTLY IF EXISTS %I.%I', n.nspname, c.relname) AS drop_statement
+FROM pg_index i
+JOIN pg_class c ON c.oid = i.indexrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'taskd' AND c.relname = ANY($1::text[]) AND NOT i.indisvalid
+ORDER BY c.relname;

@@ -27,7 +27,7 @@ from taskd import db, jsontext, sql
 from taskd.coalescer import Coalescer
 from taskd.connections import Dedicated, TrackedPool
 from taskd.errors import DatabaseError, DatabaseUnavailable, SqlFileError
-from taskd.migrations import apply_migrations
+from taskd.migrations import MIGRATION_COMMAND_TIMEOUT, apply_migrations
 from taskd.models import ClaimedTask, NewTask, Outcome, Submitted, TaskStatus, attempt_error
 from taskd.outage import OutageLog
 from taskd.store.inserts import insert_tasks, or_null
@@ -82,6 +82,7 @@ CORE_QUERIES = frozenset({
     "task_expire",
     "process_heartbeat", "process_remove", "process_prune",
     "migration_lock", "migration_unlock", "migration_prepare", "migration_applied", "migration_record",
+    "migration_invalid_indexes",
 })
 
 
@@ -151,7 +152,8 @@ class StoreCore:
         missing = cls.queries_used - set(sql.queries())
         if missing:
             raise SqlFileError(f"queries missing from sql/: {', '.join(sorted(missing))}")
-        conn = await db.connect(url)
+        # A concurrent index build on a big table takes minutes, not the usual statement limit.
+        conn = await db.connect(url, command_timeout=MIGRATION_COMMAND_TIMEOUT)
         try:
             await apply_migrations(conn)
         finally:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from taskd import sql
 from taskd.errors import DatabaseUnavailable, IdempotencyConflict
 from taskd.models import NewTask, Submitted, TaskStatus
+from taskd.rows import parse_status
 
 
 def insert_args(tasks: Sequence[NewTask]) -> tuple[list[Any] | None, ...]:
@@ -84,7 +85,7 @@ async def insert_tasks(runner: Runner, queries: Mapping[str, sql.Query],
             # Of the requests with the body that made the row, the first made it; the rest repeat it.
             created = made.pop(key, None) is not None
             held[key] = row
-            results.append(Submitted(row["id"], created, _STATUS[row["status"]]))
+            results.append(Submitted(row["id"], created, parse_status(row["status"])))
     return results
 
 

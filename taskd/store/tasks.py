@@ -9,8 +9,8 @@ import datetime as dt
 
 import trio
 
-from taskd.models import Task, TaskPage, TaskStatus, TaskSummary
-from taskd.rows import summary_from_row, task_from_row
+from taskd.models import Status, Task, TaskPage, TaskSummary
+from taskd.rows import parse_status, summary_from_row, task_from_row
 from taskd.store.core import StoreCore
 
 # Bulk cancel and retry work in statements of this many rows, so no statement holds
@@ -56,13 +56,13 @@ class TaskControl(StoreCore):
         rows = await self._pool.run(self._q["task_list_full"], chosen) if chosen else []
         return TaskPage([task_from_row(row) for row in rows], chosen[-1] if more else None)
 
-    async def delete(self, task_id: int) -> TaskStatus | None:
+    async def delete(self, task_id: int) -> Status | None:
         """Delete a task; returns the status it had, None if there was none."""
         status = await self._pool.run(self._q["task_delete"], task_id)
         if status is None:
             return None
         self._signal_finished([task_id])
-        return TaskStatus(status)
+        return parse_status(status)
 
     async def cancel(self, task_id: int) -> tuple[bool, Task | None]:
         """Cancel a task: a waiting one ends cancelled now; a running one is asked to stop (its
