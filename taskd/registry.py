@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import decimal
 import functools
 import hashlib
 import inspect
@@ -254,8 +255,7 @@ class Registry:
                 "expires_in_seconds": expires_in_seconds,
             })
         elif handler.unique_for is not None:
-            window = int(time.time() // handler.unique_for)
-            idempotency_key = f"unique:{window}:{_digest({'task_type': task_type, 'payload': payload})}"
+            idempotency_key = unique_key(task_type, payload_json, handler.unique_for, time.time())
             request_hash = "unique_for"  # any repeat within the window is the same job
         if max_retries is None:
             max_retries = handler.max_retries if handler.max_retries is not None else settings.max_retries
@@ -332,6 +332,39 @@ def _check_expiry(run_at: dt.datetime | None, delay: float | None, expires_at: d
 
 def _digest(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def unique_key(task_type: str, payload_json: str, unique_for: float, now: float) -> str:
+    """The idempotency key unique_for derives: type, payload and window (`now` in Unix seconds).
+
+    The SQL function taskd.enqueue derives the same key (taskd.unique_key, migration 0006)
+    from the sha256 of `jsonb_build_object('payload', payload, 'task_type', type)::text`;
+    this writes that text as PostgreSQL would, so either way in finds the other's task."""
+    text = _jsonb_text({"payload": json.loads(payload_json, parse_float=decimal.Decimal), "task_type": task_type})
+    return f"unique:{int(now // unique_for)}:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+# PostgreSQL's escape_json: the short escapes, \u00XX below space, everything else as it is.
+_JSONB_ESCAPES = {**{c: f"\\u{c:04x}" for c in range(0x20)}, 0x08: "\\b", 0x0C: "\\f", 0x0A: "\\n",
+                  0x0D: "\\r", 0x09: "\\t", 0x22: '\\"', 0x5C: "\\\\"}
+
+
+def _jsonb_text(value: Any) -> str:
+    """A JSON value as jsonb prints it: keys shortest first, then by their UTF-8 bytes;
+    ", " and ": " between; numbers as numeric prints them (1e2 as 100, 1.50 as 1.50)."""
+    if isinstance(value, dict):
+        keys = sorted(value, key=lambda k: (len(k.encode()), k.encode()))
+        return "{" + ", ".join(f"{_jsonb_text(k)}: {_jsonb_text(value[k])}" for k in keys) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_jsonb_text(item) for item in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.translate(_JSONB_ESCAPES) + '"'
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, decimal.Decimal):
+        # numeric keeps the digits after the point that the text had, less the exponent.
+        return format(abs(value) if value.is_zero() else value, "f")
+    return str(value)
 
 
 default_registry = Registry()

@@ -122,6 +122,7 @@ async def serve(settings: Settings, registry: Registry, url: str, *, banner: str
         db.route_loop_errors(loop)
         store = await startup.open_store(settings, url, connect=Store.open)
         try:
+            await store.publish_defaults(settings, registry)  # read by the SQL function taskd.enqueue()
             await _run(store, settings, registry, url, banner)
         finally:
             with signals_ignored():

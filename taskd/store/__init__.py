@@ -15,6 +15,7 @@ from taskd.store.core import (
     WorkSignal,
     new_process_id,
 )
+from taskd.store.defaults import EnqueueDefaults
 from taskd.store.inserts import Runner, insert_args, insert_tasks
 from taskd.store.queues import QueueControl
 from taskd.store.stats import StatsReads
@@ -26,10 +27,11 @@ __all__ = [
 ]
 
 
-class Store(TaskControl, QueueControl, StatsReads):
+class Store(TaskControl, QueueControl, StatsReads, EnqueueDefaults):
     """Every SQL statement taskd runs, one method per named query."""
 
-    queries_used = TaskControl.queries_used | QueueControl.queries_used | StatsReads.queries_used
+    queries_used = (TaskControl.queries_used | QueueControl.queries_used | StatsReads.queries_used
+                    | EnqueueDefaults.queries_used)
 
 
 QUERIES_USED = Store.queries_used
