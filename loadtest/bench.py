@@ -31,13 +31,13 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from loadtest import ordering, scenarios, servers
+from loadtest import ordering, retention, scenarios, servers
 from loadtest.report import git_revision, machine, progress, versions
 from loadtest.scenarios import Bench, Skip
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1/taskd_bench"
 ORDER = ("bare", "submit", "batch", "drain", "latency", "history", "pgqueuer", "memory", "priority",
-         "scheduled")
+         "scheduled", "prune")
 DEFAULT = ("bare", "submit", "batch", "drain", "latency", "history", "pgqueuer")  # memory takes minutes
 # name of the ratio -> (scenario, figure) over (reference scenario, figure)
 RATIOS = {
@@ -113,7 +113,7 @@ def plan(args: argparse.Namespace, bench: Bench) -> list[tuple[str, Run]]:
             runs += [("submit" if w == 1 else f"submit_hw{w}", functools.partial(scenarios.submit, bench, w))
                      for w in args.http_workers]
         else:
-            module = ordering if name in ("priority", "scheduled") else scenarios
+            module = ordering if name in ("priority", "scheduled") else retention if name == "prune" else scenarios
             runs.append((name, functools.partial(getattr(module, name), bench)))
     return runs
 
@@ -200,6 +200,8 @@ def table_rows(key: str, fig: dict[str, Any]) -> list[tuple[str, str, Any, Any, 
         return [(key, f"tasks/s ({fig['tasks']:,} tasks in batches)", fig["tasks_per_s"], None, None),
                 (key, "RSS MB at 100,000 / peak after / end",
                  f"{fig['rss_at_100k_mb']} / {fig['rss_peak_after_100k_mb']} / {fig['rss_end_mb']}", None, None)]
+    if key == "prune":
+        return retention.table_rows(fig)
     if key == "priority":
         return [(key, f"started out of priority order ({fig['tasks']:,} tasks, {fig['claims']:,} claims)",
                  fig["out_of_priority_order"], None, None),

@@ -49,6 +49,11 @@ class Settings:
     # (queue, slots) pairs: this process serves only these queues, each with its own slots.
     # Empty: every queue, all slots shared.
     queues: tuple[tuple[str, int], ...] = ()
+    # How long finished tasks are kept before pruning, in seconds (0: forever). The
+    # cancelled one applies to expired tasks too.
+    retention_completed: float = 7 * 86_400.0
+    retention_failed: float = 30 * 86_400.0
+    retention_cancelled: float = 7 * 86_400.0
 
     def __post_init__(self) -> None:
         slots = sum(n for _, n in self.queues)
@@ -362,6 +367,22 @@ def _queues(text: str) -> tuple[tuple[str, int], ...]:
     return tuple(pairs)
 
 
+_DURATION = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[smhd]?)", re.IGNORECASE)
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
+RETENTION_MAX_DAYS = 36_500  # a hundred years: past that, "forever" (0) is what is meant
+
+
+def _retention(text: str) -> float:
+    """A duration, 30m, 12h, 7d, 45s or plain seconds; 0 keeps forever."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"must be a duration like 30m, 12h or 7d, or seconds (0 keeps forever), got {text!r}")
+    seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"].lower()]
+    if seconds > RETENTION_MAX_DAYS * 86_400:
+        raise ValueError(f"must be at most {RETENTION_MAX_DAYS}d (use 0 to keep forever), got {text.strip()}")
+    return seconds
+
+
 def _path(text: str) -> pathlib.Path:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -410,6 +431,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_THREADS", ("--max-threads",), _int(1, 100_000),
             "threads plain-def handlers may occupy, abandoned ones still running after a timeout included "
             "(default twice WORKER_POOL_SIZE, at least 1)"),
+    Setting("RETENTION_COMPLETED", ("--retention-completed",), _retention,
+            "how long completed tasks are kept before they are deleted: 30m, 12h, 7d or seconds; 0 keeps "
+            "them forever (default 7d)"),
+    Setting("RETENTION_FAILED", ("--retention-failed",), _retention,
+            "how long failed tasks are kept (default 30d; 0: forever)"),
+    Setting("RETENTION_CANCELLED", ("--retention-cancelled",), _retention,
+            "how long cancelled and expired tasks are kept (default 7d; 0: forever)"),
 )
 
 

@@ -28,7 +28,7 @@ import trio
 import trio_asyncio
 from hypercorn.config import Config as HypercornConfig
 
-from taskd import db, maintenance, startup
+from taskd import db, maintenance, retention, startup
 from taskd.config import Settings, redacted_url
 from taskd.errors import DatabaseError
 from taskd.http import create_app
@@ -155,6 +155,7 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
                 services.start_soon(pool.heartbeat_loop)
                 services.start_soon(maintenance.rescue_loop, store, settings, pool.handing_back)
                 services.start_soon(maintenance.expiry_loop, store)
+                services.start_soon(retention.prune_loop, store, settings)
                 services.start_soon(pool.progress_loop)
                 services.start_soon(store.keep_listening)
                 work_done = trio.Event()

@@ -18,20 +18,21 @@ from taskd.store.core import (
 from taskd.store.defaults import EnqueueDefaults
 from taskd.store.inserts import Runner, insert_args, insert_tasks
 from taskd.store.queues import QueueControl
+from taskd.store.retention import PruneBatch, Retention
 from taskd.store.stats import StatsReads
 from taskd.store.tasks import TaskControl
 
 __all__ = [
     "CANCEL_CHANNEL", "CLAIMER_SETTINGS", "FINISHER_SETTINGS", "NEW_WORK_CHANNEL", "QUERIES_USED", "Store",
-    "Runner", "WorkSignal", "insert_args", "insert_tasks", "new_process_id",
+    "PruneBatch", "Runner", "WorkSignal", "insert_args", "insert_tasks", "new_process_id",
 ]
 
 
-class Store(TaskControl, QueueControl, StatsReads, EnqueueDefaults):
+class Store(TaskControl, QueueControl, StatsReads, Retention, EnqueueDefaults):
     """Every SQL statement taskd runs, one method per named query."""
 
     queries_used = (TaskControl.queries_used | QueueControl.queries_used | StatsReads.queries_used
-                    | EnqueueDefaults.queries_used)
+                    | Retention.queries_used | EnqueueDefaults.queries_used)
 
 
 QUERIES_USED = Store.queries_used
