@@ -1,5 +1,6 @@
 """Periodic housekeeping: the rescue of tasks whose process died (their lease ran
-out), ending waiting tasks past their expiry, and forgetting processes long gone. (Heartbeats belong to the worker pool,
+out), ending waiting tasks past their expiry, forgetting processes long gone, and
+keeping the counts that /stats reads (folded each second, checked hourly). (Heartbeats belong to the worker pool,
 which knows what it holds.)
 
 The server starts these loops; this module opens no nursery.
@@ -68,4 +69,29 @@ async def expiry_loop(store: Store, every: float = EXPIRY_EVERY) -> None:
             log.debug("expiring tasks failed: %s", exc)
         except DatabaseError as exc:
             log.error("expiring tasks failed: %s", exc)
+        await trio.sleep(every)
+
+
+COUNTS_EVERY = 1.0
+COUNTS_CHECK_EVERY = 3600.0
+
+
+async def counts_loop(store: Store, every: float = COUNTS_EVERY, check_every: float = COUNTS_CHECK_EVERY) -> None:
+    """Fold the count deltas into the totals every `every` seconds (one process at a time;
+    reads are exact without it, it only keeps them short), and now and then check the
+    totals against a full count of the table, forever."""
+    next_check = trio.current_time() + check_every
+    while True:
+        try:
+            await store.fold_counts()
+            if trio.current_time() >= next_check:
+                next_check = trio.current_time() + check_every
+                off = await store.check_counts(check_every)
+                if off:
+                    log.warning("the kept task counts were off by %d (something changed taskd.tasks without its "
+                                "triggers, such as TRUNCATE); corrected", off)
+        except DatabaseUnavailable as exc:
+            log.debug("keeping the counts failed: %s", exc)
+        except DatabaseError as exc:
+            log.error("keeping the counts failed: %s", exc)
         await trio.sleep(every)

@@ -155,6 +155,7 @@ async def _run(store: Store, settings: Settings, registry: Registry, url: str, b
                 services.start_soon(pool.heartbeat_loop)
                 services.start_soon(maintenance.rescue_loop, store, settings, pool.handing_back)
                 services.start_soon(maintenance.expiry_loop, store)
+                services.start_soon(maintenance.counts_loop, store)
                 services.start_soon(retention.prune_loop, store, settings)
                 services.start_soon(pool.progress_loop)
                 services.start_soon(store.keep_listening)

@@ -1,29 +1,49 @@
 -- name: queue_list :many
 -- Every queue that holds a task or was ever paused (or only queue $1): counts per
--- status as clients see them, how long its oldest due task has waited, and whether
--- it is paused.
+-- status as clients see them (from the kept counts), how long its oldest due task
+-- has waited, and whether it is paused. The oldest due task is found by a few probes
+-- of the queue-led index (per priority in the queue, its earliest run_at), never by
+-- reading the queue's backlog.
 WITH counts AS (
     SELECT queue AS name,
-           count(*) FILTER (WHERE status = 'pending' AND run_at <= now()) AS pending,
-           count(*) FILTER (WHERE status = 'pending' AND run_at > now()) AS scheduled,
-           count(*) FILTER (WHERE status = 'running') AS running,
-           count(*) FILTER (WHERE status = 'retrying') AS retrying,
-           count(*) FILTER (WHERE status = 'completed') AS completed,
-           count(*) FILTER (WHERE status = 'failed') AS failed,
-           count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-           count(*) FILTER (WHERE status = 'expired') AS expired,
-           extract(epoch FROM now() - min(run_at) FILTER (
-               WHERE status IN ('pending', 'retrying') AND run_at <= now()))::float8 AS oldest_wait_seconds
-    FROM taskd.tasks
-    WHERE $1::text IS NULL OR queue = $1::text
+           coalesce(sum(n) FILTER (WHERE status = 'pending' AND due <= now()), 0)::bigint AS pending,
+           coalesce(sum(n) FILTER (WHERE status = 'pending' AND due > now()), 0)::bigint AS scheduled,
+           coalesce(sum(n) FILTER (WHERE status = 'running'), 0)::bigint AS running,
+           coalesce(sum(n) FILTER (WHERE status = 'retrying'), 0)::bigint AS retrying,
+           coalesce(sum(n) FILTER (WHERE status = 'completed'), 0)::bigint AS completed,
+           coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed,
+           coalesce(sum(n) FILTER (WHERE status = 'cancelled'), 0)::bigint AS cancelled,
+           coalesce(sum(n) FILTER (WHERE status = 'expired'), 0)::bigint AS expired
+    FROM (SELECT queue, status, due, n FROM taskd.counts WHERE $1::text IS NULL OR queue = $1::text
+          UNION ALL
+          SELECT queue, status, due, n FROM taskd.count_deltas WHERE $1::text IS NULL OR queue = $1::text) c
     GROUP BY queue
+    HAVING sum(n) <> 0
 )
 SELECT COALESCE(c.name, q.name) AS name, COALESCE(q.paused, false) AS paused,
        COALESCE(c.pending, 0) AS pending, COALESCE(c.scheduled, 0) AS scheduled,
        COALESCE(c.running, 0) AS running, COALESCE(c.retrying, 0) AS retrying,
        COALESCE(c.completed, 0) AS completed, COALESCE(c.failed, 0) AS failed,
        COALESCE(c.cancelled, 0) AS cancelled, COALESCE(c.expired, 0) AS expired,
-       c.oldest_wait_seconds
+       CASE WHEN c.pending + c.retrying > 0 THEN (
+           WITH RECURSIVE levels AS (
+               (SELECT t.priority FROM taskd.tasks t
+                WHERE t.queue = c.name AND t.status IN ('pending', 'retrying')
+                ORDER BY t.priority DESC LIMIT 1)
+               UNION ALL
+               SELECT (SELECT t.priority FROM taskd.tasks t
+                       WHERE t.queue = c.name AND t.status IN ('pending', 'retrying') AND t.priority < l.priority
+                       ORDER BY t.priority DESC LIMIT 1)
+               FROM levels l WHERE l.priority IS NOT NULL
+           )
+           SELECT extract(epoch FROM now() - min(first.run_at))::float8
+           FROM levels l CROSS JOIN LATERAL (
+               SELECT t.run_at FROM taskd.tasks t
+               WHERE t.queue = c.name AND t.status IN ('pending', 'retrying') AND t.priority = l.priority
+               ORDER BY t.run_at LIMIT 1
+           ) first
+           WHERE first.run_at <= now()
+       ) END AS oldest_wait_seconds
 FROM counts c
 FULL JOIN (SELECT * FROM taskd.queues WHERE $1::text IS NULL OR name = $1::text) q ON q.name = c.name
 ORDER BY 1;

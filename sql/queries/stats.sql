@@ -1,59 +1,85 @@
 -- name: stats_counts :many
--- Task counts per status as clients see it (a pending task not yet due is scheduled).
-SELECT CASE WHEN status = 'pending' AND run_at > now() THEN 'scheduled' ELSE status END AS status, count(*) AS n
-FROM taskd.tasks GROUP BY 1;
+-- Task counts per status as clients see it (a pending task not yet due is
+-- scheduled), from the kept counts: totals plus deltas not folded yet.
+SELECT CASE WHEN status = 'pending' AND due > now() THEN 'scheduled' ELSE status END AS status, sum(n)::bigint AS n
+FROM (SELECT status, due, n FROM taskd.counts UNION ALL SELECT status, due, n FROM taskd.count_deltas) c
+GROUP BY 1
+HAVING sum(n) <> 0;
 
 -- name: stats_recent :one
--- Completions and failures in the last $1 seconds.
-SELECT count(*) FILTER (WHERE status = 'completed') AS completed,
-       count(*) FILTER (WHERE status = 'failed') AS failed
-FROM taskd.tasks
-WHERE finished_at > now() - make_interval(secs => $1::float8);
+-- Completions and failures in the last $1 seconds (whole seconds), from the timeline.
+SELECT coalesce(sum(n) FILTER (WHERE status = 'completed'), 0)::bigint AS completed,
+       coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed
+FROM (SELECT second, status, n FROM taskd.finished_seconds
+      UNION ALL
+      SELECT second, status, n FROM taskd.finished_deltas) f
+WHERE second > now() - make_interval(secs => $1::float8);
 
 -- name: stats_by_type :many
 -- Per task type: counts per status, and how tasks that needed a retry ended.
 SELECT task_type,
-       count(*) AS total,
-       count(*) FILTER (WHERE status = 'pending' AND run_at > now()) AS scheduled,
-       count(*) FILTER (WHERE status = 'pending' AND run_at <= now()) AS pending,
-       count(*) FILTER (WHERE status = 'running') AS running,
-       count(*) FILTER (WHERE status = 'retrying') AS retrying,
-       count(*) FILTER (WHERE status = 'completed') AS completed,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
-       count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-       count(*) FILTER (WHERE status = 'expired') AS expired,
-       count(*) FILTER (WHERE status = 'completed' AND attempts > 1) AS completed_after_retry,
-       count(*) FILTER (WHERE status IN ('completed', 'failed') AND attempts > 1) AS finished_after_retry
-FROM taskd.tasks
+       sum(n)::bigint AS total,
+       coalesce(sum(n) FILTER (WHERE status = 'pending' AND due > now()), 0)::bigint AS scheduled,
+       coalesce(sum(n) FILTER (WHERE status = 'pending' AND due <= now()), 0)::bigint AS pending,
+       coalesce(sum(n) FILTER (WHERE status = 'running'), 0)::bigint AS running,
+       coalesce(sum(n) FILTER (WHERE status = 'retrying'), 0)::bigint AS retrying,
+       coalesce(sum(n) FILTER (WHERE status = 'completed'), 0)::bigint AS completed,
+       coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed,
+       coalesce(sum(n) FILTER (WHERE status = 'cancelled'), 0)::bigint AS cancelled,
+       coalesce(sum(n) FILTER (WHERE status = 'expired'), 0)::bigint AS expired,
+       coalesce(sum(n) FILTER (WHERE status = 'completed' AND retried), 0)::bigint AS completed_after_retry,
+       coalesce(sum(n) FILTER (WHERE retried), 0)::bigint AS finished_after_retry
+FROM (SELECT task_type, status, due, retried, n FROM taskd.counts
+      UNION ALL
+      SELECT task_type, status, due, retried, n FROM taskd.count_deltas) c
 GROUP BY task_type
+HAVING sum(n) <> 0
 ORDER BY task_type;
 
 -- name: stats_timings_by_type :many
--- Per task type, over tasks finished in the last $1 seconds: run time of the
--- final attempt and queue wait before the first, in milliseconds.
-WITH f AS (
+-- Per task type, over tasks finished in the last $1 seconds (whole minutes): run
+-- time of the final attempt and queue wait before the first, in milliseconds, read
+-- from the per-minute histograms (a percentile is its bucket's upper bound: at most
+-- 10 % above the true value).
+WITH h AS (
+    SELECT task_type, kind, bucket, sum(n) AS n, sum(sum_ms) AS sum_ms
+    FROM (SELECT minute, task_type, kind, bucket, n, sum_ms FROM taskd.latency_minutes
+          UNION ALL
+          SELECT minute, task_type, kind, bucket, n, sum_ms FROM taskd.latency_deltas) l
+    WHERE minute >= date_trunc('minute', now() - make_interval(secs => $1::float8))
+    GROUP BY 1, 2, 3
+), c AS (
+    SELECT task_type, kind, bucket, n, sum_ms,
+           sum(n) OVER (PARTITION BY task_type, kind ORDER BY bucket) AS cum,
+           sum(n) OVER (PARTITION BY task_type, kind) AS total
+    FROM h
+), p AS (
     SELECT task_type,
-           extract(epoch FROM finished_at - attempt_started_at) * 1000 AS run_ms,
-           extract(epoch FROM started_at - created_at) * 1000 AS wait_ms
-    FROM taskd.tasks
-    WHERE finished_at > now() - make_interval(secs => $1::float8) AND attempt_started_at IS NOT NULL
+           max(total) FILTER (WHERE kind = 'run') AS n,
+           sum(sum_ms) FILTER (WHERE kind = 'run') / nullif(max(total) FILTER (WHERE kind = 'run'), 0) AS run_avg,
+           ARRAY[0.01 * 1.1 ^ min(bucket) FILTER (WHERE kind = 'run' AND cum >= 0.50 * total),
+                 0.01 * 1.1 ^ min(bucket) FILTER (WHERE kind = 'run' AND cum >= 0.95 * total),
+                 0.01 * 1.1 ^ min(bucket) FILTER (WHERE kind = 'run' AND cum >= 0.99 * total)]::float8[] AS run_pct,
+           sum(sum_ms) FILTER (WHERE kind = 'wait') / nullif(max(total) FILTER (WHERE kind = 'wait'), 0) AS wait_avg,
+           ARRAY[0.01 * 1.1 ^ min(bucket) FILTER (WHERE kind = 'wait' AND cum >= 0.50 * total),
+                 0.01 * 1.1 ^ min(bucket) FILTER (WHERE kind = 'wait' AND cum >= 0.95 * total),
+                 0.01 * 1.1 ^ min(bucket) FILTER (WHERE kind = 'wait' AND cum >= 0.99 * total)]::float8[] AS wait_pct
+    FROM c GROUP BY task_type
 )
-SELECT task_type, count(*) AS n,
-       avg(run_ms) AS run_avg,
-       percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY run_ms) AS run_pct,
-       avg(wait_ms) AS wait_avg,
-       percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY wait_ms) AS wait_pct
-FROM f
-GROUP BY task_type
+SELECT task_type, coalesce(n, 0)::bigint AS n, run_avg::float8 AS run_avg, run_pct,
+       wait_avg::float8 AS wait_avg, wait_pct
+FROM p
 ORDER BY task_type;
 
 -- name: stats_timeline :many
 -- Completed and failed per second over the last $1 seconds.
-SELECT date_trunc('second', finished_at) AS second,
-       count(*) FILTER (WHERE status = 'completed') AS completed,
-       count(*) FILTER (WHERE status = 'failed') AS failed
-FROM taskd.tasks
-WHERE finished_at > now() - make_interval(secs => $1::float8)
+SELECT second,
+       coalesce(sum(n) FILTER (WHERE status = 'completed'), 0)::bigint AS completed,
+       coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed
+FROM (SELECT second, status, n FROM taskd.finished_seconds
+      UNION ALL
+      SELECT second, status, n FROM taskd.finished_deltas) f
+WHERE second > now() - make_interval(secs => $1::float8) AND status IN ('completed', 'failed')
 GROUP BY 1
 ORDER BY 1;
 

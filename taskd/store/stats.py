@@ -1,4 +1,5 @@
-"""Counts, rates, timings and the live processes, for /stats, /stats/detailed and /ready.
+"""Counts, rates, timings and the live processes, for /stats, /stats/detailed and /ready;
+and the upkeep of the kept counts they read (folding deltas, checking against a full count).
 
 Imports taskd.store.core, taskd.models, taskd.errors.
 """
@@ -20,7 +21,8 @@ TIMELINE_SECONDS = 900.0
 class StatsReads(StoreCore):
     queries_used = StoreCore.queries_used | {
         "stats_counts", "stats_recent", "stats_by_type", "stats_timings_by_type", "stats_timeline", "db_ping",
-        "process_list_live",
+        "process_list_live", "counts_lock", "counts_fold", "counts_drop_zeros", "finished_fold", "latency_fold",
+        "buckets_prune", "counts_check_due", "counts_check_isolation", "counts_check",
     }
 
     async def live_processes(self, seen_within: float) -> list[dict[str, Any]]:
@@ -55,3 +57,30 @@ class StatsReads(StoreCore):
 
     async def timeline(self, seconds: float = TIMELINE_SECONDS) -> list[dict[str, Any]]:
         return [dict(row) for row in await self._pool.run(self._q["stats_timeline"], seconds)]
+
+    async def fold_counts(self) -> int | None:
+        """Fold the deltas the triggers appended into the kept totals and buckets, and forget
+        buckets too old to show; how many count deltas were folded (None: another process is
+        folding right now)."""
+        async with self._pool.transaction() as conn:
+            if not await conn.run(self._q["counts_lock"]):
+                return None
+            folded: int = await conn.run(self._q["counts_fold"])
+            await conn.run(self._q["counts_drop_zeros"])
+            await conn.run(self._q["finished_fold"])
+            await conn.run(self._q["latency_fold"])
+            await conn.run(self._q["buckets_prune"])
+            return folded
+
+    async def check_counts(self, every: float) -> int | None:
+        """If no process did it in the last `every` seconds, compare the kept counts with a
+        full count of the task table and correct them; by how many tasks they were off
+        (None: not done now)."""
+        async with self._pool.transaction() as conn:
+            await conn.run(self._q["counts_check_isolation"])
+            if not await conn.run(self._q["counts_lock"]):
+                return None
+            if not await conn.run(self._q["counts_check_due"], every):
+                return None
+            off: int = await conn.run(self._q["counts_check"])
+            return off
