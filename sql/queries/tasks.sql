@@ -281,33 +281,59 @@ FROM taskd.tasks WHERE id = $1::bigint;
 -- after the keyset cursor $3 (ids below it), at most $4 rows. Payload, result and
 -- errors are never read (a large one would have to be fetched from TOAST), and
 -- of the last error only its type and the first 500 characters of its message.
-SELECT id, task_type, CASE WHEN status = 'pending' AND run_at > now() THEN 'scheduled' ELSE status END AS status, attempts, max_retries, crashes, created_at, started_at,
-       finished_at, priority, run_at, queue,
+-- Two walks merged, each reading an index however long the history: finished rows
+-- by the filtered column (tasks_finished_*_idx), unfinished ones by id
+-- (tasks_unfinished_idx). The pool plans each call with its values
+-- (plan_cache_mode = force_custom_plan), which is what lets a filter pick its index.
+SELECT id, task_type, CASE WHEN status = 'pending' AND run_at > now() THEN 'scheduled' ELSE status END AS status,
+       attempts, max_retries, crashes, created_at, started_at, finished_at, priority, run_at, queue,
        last_error IS NOT NULL AS has_error, last_error->>'type' AS error_type,
        left(last_error->>'message', 500) AS error_message
-FROM taskd.tasks
-WHERE ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
-       OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
-  AND ($2::text IS NULL OR task_type = $2::text)
-  AND ($3::bigint IS NULL OR id < $3::bigint)
-  AND ($5::text IS NULL OR queue = $5::text)
+FROM ((SELECT * FROM taskd.tasks
+       WHERE finished_at IS NOT NULL
+         AND ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
+              OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
+         AND ($2::text IS NULL OR task_type = $2::text)
+         AND ($3::bigint IS NULL OR id < $3::bigint)
+         AND ($5::text IS NULL OR queue = $5::text)
+       ORDER BY id DESC LIMIT $4::int)
+      UNION ALL
+      (SELECT * FROM taskd.tasks
+       WHERE finished_at IS NULL
+         AND ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
+              OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
+         AND ($2::text IS NULL OR task_type = $2::text)
+         AND ($3::bigint IS NULL OR id < $3::bigint)
+         AND ($5::text IS NULL OR queue = $5::text)
+       ORDER BY id DESC LIMIT $4::int)) t
 ORDER BY id DESC
 LIMIT $4::int;
 
 -- name: task_list_sizes :many
--- The rows task_list would list (same filters and cursor) with about the bytes of
--- each as JSON in a response (the jsonb columns as text, plus 300 for the other
+-- The rows task_list would list (same filters, cursor and walks) with about the bytes
+-- of each as JSON in a response (the jsonb columns as text, plus 300 for the other
 -- fields), so a full page is cut to size before anything large leaves the database.
 SELECT id,
        octet_length(payload::text) + coalesce(octet_length(result::text), 4)
        + coalesce(octet_length(last_error::text), 4) + octet_length(errors::text)
        + octet_length(task_type) + 300 AS json_bytes
-FROM taskd.tasks
-WHERE ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
-       OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
-  AND ($2::text IS NULL OR task_type = $2::text)
-  AND ($3::bigint IS NULL OR id < $3::bigint)
-  AND ($5::text IS NULL OR queue = $5::text)
+FROM ((SELECT * FROM taskd.tasks
+       WHERE finished_at IS NOT NULL
+         AND ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
+              OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
+         AND ($2::text IS NULL OR task_type = $2::text)
+         AND ($3::bigint IS NULL OR id < $3::bigint)
+         AND ($5::text IS NULL OR queue = $5::text)
+       ORDER BY id DESC LIMIT $4::int)
+      UNION ALL
+      (SELECT * FROM taskd.tasks
+       WHERE finished_at IS NULL
+         AND ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
+              OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
+         AND ($2::text IS NULL OR task_type = $2::text)
+         AND ($3::bigint IS NULL OR id < $3::bigint)
+         AND ($5::text IS NULL OR queue = $5::text)
+       ORDER BY id DESC LIMIT $4::int)) t
 ORDER BY id DESC
 LIMIT $4::int;
 
@@ -352,8 +378,13 @@ WITH due AS MATERIALIZED (
       AND t.status IN ('pending', 'retrying') AND t.expires_at <= now()
       AND t.id <> ALL (ARRAY(SELECT id FROM hit))
 ), dropped AS (
+    -- Only entries whose task is gone or in a status known not to wait: a status a later
+    -- release adds may be a waiting one, and its deadline must outlive this release.
     DELETE FROM taskd.expiring e
     WHERE e.task_id = ANY (ARRAY(SELECT task_id FROM due)) AND e.task_id <> ALL (ARRAY(SELECT id FROM held))
+      AND NOT EXISTS (SELECT 1 FROM taskd.tasks t
+                      WHERE t.id = e.task_id AND t.status NOT IN ('pending', 'retrying', 'running', 'completed',
+                                                                  'failed', 'cancelled', 'expired'))
 )
 UPDATE taskd.tasks t
 SET status = 'expired', finished_at = now(),
