@@ -31,13 +31,13 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from loadtest import ordering, retention, scenarios, servers
+from loadtest import longevity, ordering, retention, scenarios, servers
 from loadtest.report import git_revision, machine, progress, versions
 from loadtest.scenarios import Bench, Skip
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1/taskd_bench"
 ORDER = ("bare", "submit", "batch", "drain", "latency", "history", "pgqueuer", "memory", "priority",
-         "scheduled", "prune")
+         "scheduled", "prune", "stats", "mixed")
 DEFAULT = ("bare", "submit", "batch", "drain", "latency", "history", "pgqueuer")  # memory takes minutes
 # name of the ratio -> (scenario, figure) over (reference scenario, figure)
 RATIOS = {
@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--http-workers", default="1", help="submit: HTTP processes, comma-separated (default 1), e.g. 1,2")
     add("--memory-tasks", type=int, default=1_000_000, help="memory: tasks (default 1,000,000)")
     add("--scheduled-tasks", type=int, default=200, help="scheduled: tasks (default 200)")
+    add("--stats-rows", type=int, default=10_000_000,
+        help="stats: finished rows, and a tenth as many waiting (default 10,000,000)")
+    add("--reads", type=int, default=200, help="stats: requests per route (default 200)")
+    add("--backlog-rows", type=int, default=1_000_000,
+        help="mixed: tasks waiting in another queue (default 1,000,000)")
+    add("--rounds", type=int, default=5, help="mixed: interleaved rounds (default 5)")
     add("--taskd-source", type=pathlib.Path, metavar="DIR",
         help="run `python -m taskd` from this source tree instead of this checkout (loadtest.compare)")
     add("--ports", metavar="LO-HI", help="ports the bench's own servers may use (default: any free one)")
@@ -76,8 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.scenarios if s not in ORDER]
     if unknown:
         parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(ORDER)}")
-    if args.n < 1 or args.c < 1 or args.scheduled_tasks < 1:
-        parser.error("-n, -c and --scheduled-tasks must be at least 1")
+    if min(args.n, args.c, args.scheduled_tasks, args.stats_rows, args.reads, args.backlog_rows, args.rounds) < 1:
+        parser.error("-n, -c, --scheduled-tasks, --stats-rows, --reads, --backlog-rows and --rounds must be at "
+                     "least 1")
     if args.duration <= 0:
         parser.error("--duration must be more than 0")
     if args.taskd_source is not None and not (args.taskd_source / "taskd" / "__main__.py").is_file():
@@ -113,7 +120,8 @@ def plan(args: argparse.Namespace, bench: Bench) -> list[tuple[str, Run]]:
             runs += [("submit" if w == 1 else f"submit_hw{w}", functools.partial(scenarios.submit, bench, w))
                      for w in args.http_workers]
         else:
-            module = ordering if name in ("priority", "scheduled") else retention if name == "prune" else scenarios
+            module = (ordering if name in ("priority", "scheduled") else retention if name == "prune"
+                      else longevity if name in ("stats", "mixed") else scenarios)
             runs.append((name, functools.partial(getattr(module, name), bench)))
     return runs
 
@@ -123,6 +131,7 @@ async def run(args: argparse.Namespace, logs: pathlib.Path) -> dict[str, Any]:
                   database_url=args.database_url or DEFAULT_DATABASE_URL, logs=logs, url=args.url,
                   live_sql=bool(args.url and args.database_url), ports=args.ports,
                   memory_tasks=args.memory_tasks, scheduled_tasks=args.scheduled_tasks,
+                  stats_rows=args.stats_rows, reads=args.reads, backlog_rows=args.backlog_rows, rounds=args.rounds,
                   source=args.taskd_source.resolve() if args.taskd_source else None)
     if args.url is None:
         servers.database_name(bench.database_url)  # fail now on a name we could not drop
@@ -202,6 +211,8 @@ def table_rows(key: str, fig: dict[str, Any]) -> list[tuple[str, str, Any, Any, 
                  f"{fig['rss_at_100k_mb']} / {fig['rss_peak_after_100k_mb']} / {fig['rss_end_mb']}", None, None)]
     if key == "prune":
         return retention.table_rows(fig)
+    if key in ("stats", "mixed"):
+        return longevity.table_rows(key, fig)
     if key == "priority":
         return [(key, f"started out of priority order ({fig['tasks']:,} tasks, {fig['claims']:,} claims)",
                  fig["out_of_priority_order"], None, None),

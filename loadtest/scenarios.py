@@ -64,6 +64,10 @@ class Bench:
     ports: range | None = None  # where our servers may listen (None: any free port)
     memory_tasks: int = 1_000_000
     scheduled_tasks: int = 200
+    stats_rows: int = 10_000_000
+    reads: int = 200
+    backlog_rows: int = 1_000_000
+    rounds: int = 5
     source: pathlib.Path | None = None  # run taskd from this source tree (loadtest.compare)
 
     @property
