@@ -80,12 +80,12 @@ async def counts_loop(store: Store, every: float = COUNTS_EVERY, check_every: fl
     """Fold the count deltas into the totals every `every` seconds (one process at a time;
     reads are exact without it, it only keeps them short), and now and then check the
     totals against a full count of the table, forever."""
-    next_check = trio.current_time() + check_every
+    next_check = trio.current_time()  # at once: the first process after the migration fills the totals
     while True:
         try:
             await store.fold_counts()
             if trio.current_time() >= next_check:
-                next_check = trio.current_time() + check_every
+                next_check = trio.current_time()  # at once: the first process after the migration fills the totals
                 off = await store.check_counts(check_every)
                 if off:
                     log.warning("the kept task counts were off by %d (something changed taskd.tasks without its "

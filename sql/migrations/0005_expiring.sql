@@ -5,7 +5,13 @@
 -- deadline: measured, it cost the claim and outcome statements about 0.15 ms per 50
 -- tasks, a tenth of their time. A row here exists only for a task submitted with a
 -- deadline; a statement trigger fills it from whatever inserted the task (the API,
--- taskd.enqueue, a user's own SQL), and the expiry sweep empties it.
+-- taskd.enqueue, a user's own SQL), and the expiry sweep empties it. A task that goes
+-- back to waiting (a retry, a release, a rescue) is listed again by the update trigger
+-- of 0008, so a deadline that passed while it ran still ends it.
+
+-- Writers wait until this commits: a task inserted while the list is filled would
+-- otherwise be in neither the fill (not visible yet) nor the trigger (not there yet).
+LOCK TABLE taskd.tasks IN SHARE ROW EXCLUSIVE MODE;
 
 CREATE TABLE taskd.expiring (
     task_id    bigint      PRIMARY KEY,

@@ -16,6 +16,7 @@ from taskd.store.core import StoreCore
 
 TIMINGS_WINDOW_SECONDS = 3600.0
 TIMELINE_SECONDS = 900.0
+CHECK_TIMEOUT = 3600.0
 
 
 class StatsReads(StoreCore):
@@ -82,5 +83,6 @@ class StatsReads(StoreCore):
                 return None
             if not await conn.run(self._q["counts_check_due"], every):
                 return None
-            off: int = await conn.run(self._q["counts_check"])
+            # A full count: minutes on a table of tens of millions of rows, not the usual limit.
+            off: int = await conn.run(self._q["counts_check"], command_timeout=CHECK_TIMEOUT)
             return off

@@ -293,3 +293,24 @@ async def test_python_steers_through_the_callers_connection(store: Store) -> Non
     assert (await store.get(waiting)).status == TaskStatus.CANCELLED  # type: ignore[union-attr]
     assert (await store.get(done.id)).status == TaskStatus.PENDING  # type: ignore[union-attr]
     assert [q["paused"] for q in await store.queues("mail")] == [True]
+
+
+@pytest.mark.parametrize("back", ["retry", "release", "rescue"])
+async def test_a_deadline_that_passed_while_the_task_ran_ends_it_once_it_waits_again(store: Store, back: str) -> None:
+    (task,) = await store.submit_many([new(expires_in=0.5)])
+    (claimed,) = await store.claim(1, ["echo"], 30)
+    await trio.sleep(0.6)
+    assert await store.expire_due() == [], "running: not expired, and its entry is dropped"
+    assert await expiring(store) == {}
+    if back == "retry":
+        await finish(store, Outcome(task.id, claimed.attempt, TaskStatus.RETRYING, error_json='{"type": "E"}'))
+    elif back == "release":
+        await store.release([(task.id, claimed.attempt)])
+    else:
+        await raw(store.url, "UPDATE taskd.tasks SET locked_until = now() - interval '1 second'")
+        await store.rescue_expired()
+    assert set(await expiring(store)) == {task.id}, "waiting again: listed again"
+    assert await store.claim(1, ["echo"], 30) == [], "past its deadline: never claimed"
+    assert await store.expire_due() == [task.id]
+    got = await store.get(task.id)
+    assert got is not None and got.status == TaskStatus.EXPIRED
