@@ -153,7 +153,9 @@ class StoreCore:
         if missing:
             raise SqlFileError(f"queries missing from sql/: {', '.join(sorted(missing))}")
         # A concurrent index build on a big table takes minutes, not the usual statement limit.
-        conn = await db.connect(url, command_timeout=MIGRATION_COMMAND_TIMEOUT)
+        # (A role's own statement or lock timeout would fail such a build at every start.)
+        conn = await db.connect(url, command_timeout=MIGRATION_COMMAND_TIMEOUT,
+                                server_settings={"statement_timeout": "0", "lock_timeout": "0"})
         try:
             await apply_migrations(conn)
         finally:
