@@ -281,31 +281,42 @@ FROM taskd.tasks WHERE id = $1::bigint;
 -- after the keyset cursor $3 (ids below it), at most $4 rows. Payload, result and
 -- errors are never read (a large one would have to be fetched from TOAST), and
 -- of the last error only its type and the first 500 characters of its message.
--- Two walks merged, each reading an index however long the history: finished rows
--- by the filtered column (tasks_finished_*_idx), unfinished ones by id
--- (tasks_unfinished_idx). The pool plans each call with its values
--- (plan_cache_mode = force_custom_plan), which is what lets a filter pick its index.
+-- Every walk reads an index however long the history: with no filter, the primary key
+-- from the newest; with one, finished rows by the filtered column and unfinished ones
+-- apart, each newest first on -id (0009), which the primary key cannot give, so the
+-- planner never walks it across the waiting backlog or all of history. A status
+-- filter leaves out the walk that cannot hold it. The pool plans each call with its
+-- values (plan_cache_mode = force_custom_plan), which folds the walks not needed away.
 SELECT id, task_type, CASE WHEN status = 'pending' AND run_at > now() THEN 'scheduled' ELSE status END AS status,
        attempts, max_retries, crashes, created_at, started_at, finished_at, priority, run_at, queue,
        last_error IS NOT NULL AS has_error, last_error->>'type' AS error_type,
        left(last_error->>'message', 500) AS error_message
 FROM ((SELECT * FROM taskd.tasks
-       WHERE finished_at IS NOT NULL
-         AND ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
-              OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
-         AND ($2::text IS NULL OR task_type = $2::text)
+       WHERE $1::text IS NULL AND $2::text IS NULL AND $5::text IS NULL
          AND ($3::bigint IS NULL OR id < $3::bigint)
-         AND ($5::text IS NULL OR queue = $5::text)
        ORDER BY id DESC LIMIT $4::int)
       UNION ALL
       (SELECT * FROM taskd.tasks
-       WHERE finished_at IS NULL
+       WHERE NOT ($1::text IS NULL AND $2::text IS NULL AND $5::text IS NULL)
+         AND ($1::text IS NULL OR $1::text NOT IN ('pending', 'scheduled', 'running', 'retrying'))
+         AND finished_at IS NOT NULL
          AND ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
               OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
          AND ($2::text IS NULL OR task_type = $2::text)
-         AND ($3::bigint IS NULL OR id < $3::bigint)
          AND ($5::text IS NULL OR queue = $5::text)
-       ORDER BY id DESC LIMIT $4::int)) t
+         AND ($3::bigint IS NULL OR -id > -$3::bigint)
+       ORDER BY -id LIMIT $4::int)
+      UNION ALL
+      (SELECT * FROM taskd.tasks
+       WHERE NOT ($1::text IS NULL AND $2::text IS NULL AND $5::text IS NULL)
+         AND ($1::text IS NULL OR $1::text NOT IN ('completed', 'failed', 'cancelled', 'expired'))
+         AND finished_at IS NULL
+         AND ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
+              OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
+         AND ($2::text IS NULL OR task_type = $2::text)
+         AND ($5::text IS NULL OR queue = $5::text)
+         AND ($3::bigint IS NULL OR -id > -$3::bigint)
+       ORDER BY -id LIMIT $4::int)) t
 ORDER BY id DESC
 LIMIT $4::int;
 
@@ -318,22 +329,31 @@ SELECT id,
        + coalesce(octet_length(last_error::text), 4) + octet_length(errors::text)
        + octet_length(task_type) + 300 AS json_bytes
 FROM ((SELECT * FROM taskd.tasks
-       WHERE finished_at IS NOT NULL
-         AND ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
-              OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
-         AND ($2::text IS NULL OR task_type = $2::text)
+       WHERE $1::text IS NULL AND $2::text IS NULL AND $5::text IS NULL
          AND ($3::bigint IS NULL OR id < $3::bigint)
-         AND ($5::text IS NULL OR queue = $5::text)
        ORDER BY id DESC LIMIT $4::int)
       UNION ALL
       (SELECT * FROM taskd.tasks
-       WHERE finished_at IS NULL
+       WHERE NOT ($1::text IS NULL AND $2::text IS NULL AND $5::text IS NULL)
+         AND ($1::text IS NULL OR $1::text NOT IN ('pending', 'scheduled', 'running', 'retrying'))
+         AND finished_at IS NOT NULL
          AND ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
               OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
          AND ($2::text IS NULL OR task_type = $2::text)
-         AND ($3::bigint IS NULL OR id < $3::bigint)
          AND ($5::text IS NULL OR queue = $5::text)
-       ORDER BY id DESC LIMIT $4::int)) t
+         AND ($3::bigint IS NULL OR -id > -$3::bigint)
+       ORDER BY -id LIMIT $4::int)
+      UNION ALL
+      (SELECT * FROM taskd.tasks
+       WHERE NOT ($1::text IS NULL AND $2::text IS NULL AND $5::text IS NULL)
+         AND ($1::text IS NULL OR $1::text NOT IN ('completed', 'failed', 'cancelled', 'expired'))
+         AND finished_at IS NULL
+         AND ($1::text IS NULL OR (status = $1::text AND ($1::text <> 'pending' OR run_at <= now()))
+              OR ($1::text = 'scheduled' AND status = 'pending' AND run_at > now()))
+         AND ($2::text IS NULL OR task_type = $2::text)
+         AND ($5::text IS NULL OR queue = $5::text)
+         AND ($3::bigint IS NULL OR -id > -$3::bigint)
+       ORDER BY -id LIMIT $4::int)) t
 ORDER BY id DESC
 LIMIT $4::int;
 

@@ -58,7 +58,8 @@ def client_for(store: Store) -> Any:
 
 async def test_summaries_leave_payload_result_and_errors_unread(store: Store, database_url: str) -> None:
     await execute(database_url, RANDOM_SQL, 10)
-    await execute(database_url, """UPDATE taskd.tasks SET status = 'failed', errors = '[{"type": "Old"}]',
+    await execute(database_url, """UPDATE taskd.tasks SET status = 'failed', finished_at = now(),
+                                   errors = '[{"type": "Old"}]',
                                    last_error = jsonb_build_object('type', 'Boom', 'message', repeat('m', 5000))
                                    WHERE id = 1""")
     (summary, *_), (one,) = (await store.list_summaries(status=None, task_type=None, before_id=None, limit=100),
