@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 import signal
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -126,3 +128,26 @@ def get_task(server: TaskdProcess, task_id: int) -> dict[str, Any]:
     response = server.http.get(f"/tasks/{task_id}")
     assert response.status_code == 200, response.text
     return dict(response.json())
+
+
+@pytest.fixture
+def processes() -> Iterator[list[TaskdProcess]]:
+    """TaskdProcess objects a test started itself: closed at its end, their output printed."""
+    started: list[TaskdProcess] = []
+    yield started
+    for process in started:
+        process.close()
+        print(f"--- output of taskd on port {process.port} ---\n{process.output}")
+
+
+def execute(url: str, statement: str, *args: Any) -> list[asyncpg.Record]:
+    """One statement on a connection of the test's own (rows written as another producer would)."""
+
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(url)
+        try:
+            return await conn.fetch(statement, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())

@@ -3,35 +3,19 @@ server's memory and do not starve other clients; rows json.loads could not read 
 
 from __future__ import annotations
 
-import asyncio
 import pathlib
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
-import asyncpg
 import httpx
 
 from taskd.schemas import FULL_PAGE_BYTES
 
-from .conftest import TaskdProcess
+from .conftest import TaskdProcess, execute
 
 Start = Callable[..., TaskdProcess]
 MB = 1024 * 1024
-
-
-def execute(url: str, statement: str, *args: Any) -> list[asyncpg.Record]:
-    """One statement on a connection of its own (rows written as another producer would)."""
-
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(url)
-        try:
-            return await conn.fetch(statement, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 def peak_rss_mb(pid: int) -> float:

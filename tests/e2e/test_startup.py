@@ -9,7 +9,7 @@ import pathlib
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -24,15 +24,6 @@ def child_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TASK_MODULES", "WAIT_FOR_DB")}
     env.update({"PYTHONUNBUFFERED": "1", **overrides})
     return env
-
-
-@pytest.fixture
-def processes() -> Iterator[list[TaskdProcess]]:
-    started: list[TaskdProcess] = []
-    yield started
-    for process in started:
-        process.close()
-        print(f"--- output of taskd on port {process.port} ---\n{process.output}")
 
 
 @pytest.mark.parametrize("port", ["99999", "abc", "0"])

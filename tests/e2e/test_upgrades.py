@@ -5,7 +5,6 @@ and the migrations the previous release shipped are never edited."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import io
 import os
@@ -15,15 +14,13 @@ import signal
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
-from typing import Any, NoReturn
+from typing import NoReturn
 
-import asyncpg
 import pytest
 
 from taskd import sql
 
-from .conftest import ROOT, TaskdProcess, counts, free_port, get_task, submit, wait_until
+from .conftest import ROOT, TaskdProcess, counts, execute, free_port, get_task, submit, wait_until
 
 # The commit before issue 8's work: the release whose processes meet this one's on a database.
 PREVIOUS_RELEASE = "cd13255"
@@ -69,28 +66,6 @@ def release_env(tree: pathlib.Path | None, **settings: str) -> dict[str, str]:
         env["PYTHONPATH"] = str(tree)
     env.update({"PYTHONUNBUFFERED": "1", "TASK_MODULES": "tests.e2e.handlers", **settings})
     return env
-
-
-@pytest.fixture
-def processes() -> Iterator[list[TaskdProcess]]:
-    started: list[TaskdProcess] = []
-    yield started
-    for process in started:
-        process.close()
-        print(f"--- output of taskd on port {process.port} ---\n{process.output}")
-
-
-def execute(url: str, statement: str, *args: Any) -> list[asyncpg.Record]:
-    """One statement on a connection of the test's own."""
-
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(url)
-        try:
-            return await conn.fetch(statement, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 def ledger(url: str) -> list[int]:
