@@ -4,16 +4,17 @@
 SELECT pg_try_advisory_xact_lock(499851160422);
 
 -- name: counts_fold :val
--- Move the count deltas into the totals, and fold totals whose due second has passed
--- into the due key (-infinity), so the totals hold one row per key and future second.
+-- Move the count deltas into the totals, and fold totals whose due hour has passed
+-- into the due key (-infinity), so the totals hold one row per key and hour to come.
 -- Returns how many delta rows were folded.
 WITH moved AS (
     DELETE FROM taskd.count_deltas RETURNING queue, task_type, status, due, retried, n
 ), matured AS (
-    DELETE FROM taskd.counts WHERE due > '-infinity' AND due <= now()
+    DELETE FROM taskd.counts WHERE due > '-infinity' AND due <= now() - interval '1 hour'
     RETURNING queue, task_type, status, due, retried, n
 ), summed AS (
-    SELECT queue, task_type, status, CASE WHEN due <= now() THEN '-infinity'::timestamptz ELSE due END AS due,
+    SELECT queue, task_type, status,
+           CASE WHEN due + interval '1 hour' <= now() THEN '-infinity'::timestamptz ELSE due END AS due,
            retried, sum(n)::bigint AS n
     FROM (SELECT * FROM moved UNION ALL SELECT * FROM matured) x
     GROUP BY 1, 2, 3, 4, 5
@@ -88,7 +89,8 @@ WITH truth AS (
     UNION ALL
     SELECT queue, task_type, status, due, retried, n FROM taskd.count_deltas
 ), diff AS (
-    SELECT queue, task_type, status, CASE WHEN due <= now() THEN '-infinity'::timestamptz ELSE due END AS due,
+    SELECT queue, task_type, status,
+           CASE WHEN due + interval '1 hour' <= now() THEN '-infinity'::timestamptz ELSE due END AS due,
            retried, sum(n)::bigint AS n
     FROM (SELECT * FROM truth UNION ALL SELECT queue, task_type, status, due, retried, -n FROM kept) x
     GROUP BY 1, 2, 3, 4, 5

@@ -1,24 +1,30 @@
 -- name: queue_list :many
 -- Every queue that holds a task or was ever paused (or only queue $1): counts per
--- status as clients see them (from the kept counts), how long its oldest due task
+-- status as clients see them (from the kept counts, the current hour's scheduled tasks
+-- found by taskd.scheduled_this_hour()), how long its oldest due task
 -- has waited, and whether it is paused. The oldest due task is found by a few probes
 -- of the queue-led index (per priority in the queue, its earliest run_at), never by
 -- reading the queue's backlog.
-WITH counts AS (
-    SELECT queue AS name,
-           coalesce(sum(n) FILTER (WHERE status = 'pending' AND due <= now()), 0)::bigint AS pending,
-           coalesce(sum(n) FILTER (WHERE status = 'pending' AND due > now()), 0)::bigint AS scheduled,
-           coalesce(sum(n) FILTER (WHERE status = 'running'), 0)::bigint AS running,
-           coalesce(sum(n) FILTER (WHERE status = 'retrying'), 0)::bigint AS retrying,
-           coalesce(sum(n) FILTER (WHERE status = 'completed'), 0)::bigint AS completed,
-           coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed,
-           coalesce(sum(n) FILTER (WHERE status = 'cancelled'), 0)::bigint AS cancelled,
-           coalesce(sum(n) FILTER (WHERE status = 'expired'), 0)::bigint AS expired
+WITH near AS (
+    SELECT queue, sum(n) AS n FROM taskd.scheduled_this_hour() WHERE $1::text IS NULL OR queue = $1::text GROUP BY 1
+), counts AS (
+    SELECT c.queue AS name,
+           (coalesce(sum(c.n) FILTER (WHERE c.status = 'pending' AND c.due <= now()), 0)
+            - coalesce(max(near.n), 0))::bigint AS pending,
+           (coalesce(sum(c.n) FILTER (WHERE c.status = 'pending' AND c.due > now()), 0)
+            + coalesce(max(near.n), 0))::bigint AS scheduled,
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'running'), 0)::bigint AS running,
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'retrying'), 0)::bigint AS retrying,
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'completed'), 0)::bigint AS completed,
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'failed'), 0)::bigint AS failed,
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'cancelled'), 0)::bigint AS cancelled,
+           coalesce(sum(c.n) FILTER (WHERE c.status = 'expired'), 0)::bigint AS expired
     FROM (SELECT queue, status, due, n FROM taskd.counts WHERE $1::text IS NULL OR queue = $1::text
           UNION ALL
           SELECT queue, status, due, n FROM taskd.count_deltas WHERE $1::text IS NULL OR queue = $1::text) c
-    GROUP BY queue
-    HAVING sum(n) <> 0
+    LEFT JOIN near ON near.queue = c.queue
+    GROUP BY c.queue
+    HAVING sum(c.n) <> 0
 )
 SELECT COALESCE(c.name, q.name) AS name, COALESCE(q.paused, false) AS paused,
        COALESCE(c.pending, 0) AS pending, COALESCE(c.scheduled, 0) AS scheduled,

@@ -1,8 +1,14 @@
 -- name: stats_counts :many
 -- Task counts per status as clients see it (a pending task not yet due is
--- scheduled), from the kept counts: totals plus deltas not folded yet.
-SELECT CASE WHEN status = 'pending' AND due > now() THEN 'scheduled' ELSE status END AS status, sum(n)::bigint AS n
-FROM (SELECT status, due, n FROM taskd.counts UNION ALL SELECT status, due, n FROM taskd.count_deltas) c
+-- scheduled), from the kept counts: totals plus deltas not folded yet, the current
+-- hour's scheduled tasks found by taskd.scheduled_this_hour().
+SELECT status, sum(n)::bigint AS n
+FROM (SELECT CASE WHEN status = 'pending' AND due > now() THEN 'scheduled' ELSE status END AS status, n
+      FROM (SELECT status, due, n FROM taskd.counts UNION ALL SELECT status, due, n FROM taskd.count_deltas) c
+      UNION ALL
+      SELECT s.status, h.n * s.sign
+      FROM taskd.scheduled_this_hour() h
+      CROSS JOIN (VALUES ('scheduled', 1), ('pending', -1)) AS s(status, sign)) x
 GROUP BY 1
 HAVING sum(n) <> 0;
 
@@ -17,24 +23,30 @@ WHERE second > now() - make_interval(secs => $1::float8);
 
 -- name: stats_by_type :many
 -- Per task type: counts per status, and how tasks that needed a retry ended.
-SELECT task_type,
-       sum(n)::bigint AS total,
-       coalesce(sum(n) FILTER (WHERE status = 'pending' AND due > now()), 0)::bigint AS scheduled,
-       coalesce(sum(n) FILTER (WHERE status = 'pending' AND due <= now()), 0)::bigint AS pending,
-       coalesce(sum(n) FILTER (WHERE status = 'running'), 0)::bigint AS running,
-       coalesce(sum(n) FILTER (WHERE status = 'retrying'), 0)::bigint AS retrying,
-       coalesce(sum(n) FILTER (WHERE status = 'completed'), 0)::bigint AS completed,
-       coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed,
-       coalesce(sum(n) FILTER (WHERE status = 'cancelled'), 0)::bigint AS cancelled,
-       coalesce(sum(n) FILTER (WHERE status = 'expired'), 0)::bigint AS expired,
-       coalesce(sum(n) FILTER (WHERE status = 'completed' AND retried), 0)::bigint AS completed_after_retry,
-       coalesce(sum(n) FILTER (WHERE retried), 0)::bigint AS finished_after_retry
+WITH near AS (
+    SELECT task_type, sum(n) AS n FROM taskd.scheduled_this_hour() GROUP BY 1
+)
+SELECT c.task_type,
+       sum(c.n)::bigint AS total,
+       (coalesce(sum(c.n) FILTER (WHERE c.status = 'pending' AND c.due > now()), 0)
+        + coalesce(max(near.n), 0))::bigint AS scheduled,
+       (coalesce(sum(c.n) FILTER (WHERE c.status = 'pending' AND c.due <= now()), 0)
+        - coalesce(max(near.n), 0))::bigint AS pending,
+       coalesce(sum(c.n) FILTER (WHERE c.status = 'running'), 0)::bigint AS running,
+       coalesce(sum(c.n) FILTER (WHERE c.status = 'retrying'), 0)::bigint AS retrying,
+       coalesce(sum(c.n) FILTER (WHERE c.status = 'completed'), 0)::bigint AS completed,
+       coalesce(sum(c.n) FILTER (WHERE c.status = 'failed'), 0)::bigint AS failed,
+       coalesce(sum(c.n) FILTER (WHERE c.status = 'cancelled'), 0)::bigint AS cancelled,
+       coalesce(sum(c.n) FILTER (WHERE c.status = 'expired'), 0)::bigint AS expired,
+       coalesce(sum(c.n) FILTER (WHERE c.status = 'completed' AND c.retried), 0)::bigint AS completed_after_retry,
+       coalesce(sum(c.n) FILTER (WHERE c.retried), 0)::bigint AS finished_after_retry
 FROM (SELECT task_type, status, due, retried, n FROM taskd.counts
       UNION ALL
       SELECT task_type, status, due, retried, n FROM taskd.count_deltas) c
-GROUP BY task_type
-HAVING sum(n) <> 0
-ORDER BY task_type;
+LEFT JOIN near ON near.task_type = c.task_type
+GROUP BY c.task_type
+HAVING sum(c.n) <> 0
+ORDER BY c.task_type;
 
 -- name: stats_timings_by_type :many
 -- Per task type, over tasks finished in the last $1 seconds (whole minutes): run
