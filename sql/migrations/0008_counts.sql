@@ -68,6 +68,23 @@ CREATE TABLE taskd.count_deltas (
     n         bigint      NOT NULL
 );
 
+-- The priorities a queue's waiting tasks have, highest first: a skip scan of the
+-- queue-led runnable index, one probe a priority, never a walk of the backlog.
+CREATE FUNCTION taskd.waiting_priorities(queue_name text) RETURNS SETOF smallint
+    LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE levels AS (
+        (SELECT r.priority FROM taskd.tasks r
+         WHERE r.queue = queue_name AND r.status IN ('pending', 'retrying')
+         ORDER BY r.priority DESC LIMIT 1)
+        UNION ALL
+        SELECT (SELECT r.priority FROM taskd.tasks r
+                WHERE r.queue = queue_name AND r.status IN ('pending', 'retrying') AND r.priority < l.priority
+                ORDER BY r.priority DESC LIMIT 1)
+        FROM levels l WHERE l.priority IS NOT NULL
+    )
+    SELECT priority FROM levels WHERE priority IS NOT NULL
+$$;
+
 -- Of the current hour's bucket, the tasks not due yet, per queue and type: a few
 -- probes of the queue-led runnable index per queue holding such a bucket (per
 -- priority in it, the range of run_at from now to the hour's end), so a read costs
@@ -81,19 +98,7 @@ CREATE FUNCTION taskd.scheduled_this_hour() RETURNS TABLE (queue text, task_type
                 UNION ALL
                 SELECT queue, status, due FROM taskd.count_deltas
                 WHERE due = taskd.count_hour(now()) AND status = 'pending') c) q
-    CROSS JOIN LATERAL (
-        WITH RECURSIVE levels AS (
-            (SELECT r.priority FROM taskd.tasks r
-             WHERE r.queue = q.queue AND r.status IN ('pending', 'retrying')
-             ORDER BY r.priority DESC LIMIT 1)
-            UNION ALL
-            SELECT (SELECT r.priority FROM taskd.tasks r
-                    WHERE r.queue = q.queue AND r.status IN ('pending', 'retrying') AND r.priority < l.priority
-                    ORDER BY r.priority DESC LIMIT 1)
-            FROM levels l WHERE l.priority IS NOT NULL
-        )
-        SELECT priority FROM levels WHERE priority IS NOT NULL
-    ) l
+    CROSS JOIN LATERAL taskd.waiting_priorities(q.queue) AS l(priority)
     CROSS JOIN LATERAL (
         SELECT t.task_type FROM taskd.tasks t
         WHERE t.queue = q.queue AND t.status IN ('pending', 'retrying') AND t.priority = l.priority

@@ -32,18 +32,8 @@ SELECT COALESCE(c.name, q.name) AS name, COALESCE(q.paused, false) AS paused,
        COALESCE(c.completed, 0) AS completed, COALESCE(c.failed, 0) AS failed,
        COALESCE(c.cancelled, 0) AS cancelled, COALESCE(c.expired, 0) AS expired,
        CASE WHEN c.pending + c.retrying > 0 THEN (
-           WITH RECURSIVE levels AS (
-               (SELECT t.priority FROM taskd.tasks t
-                WHERE t.queue = c.name AND t.status IN ('pending', 'retrying')
-                ORDER BY t.priority DESC LIMIT 1)
-               UNION ALL
-               SELECT (SELECT t.priority FROM taskd.tasks t
-                       WHERE t.queue = c.name AND t.status IN ('pending', 'retrying') AND t.priority < l.priority
-                       ORDER BY t.priority DESC LIMIT 1)
-               FROM levels l WHERE l.priority IS NOT NULL
-           )
            SELECT extract(epoch FROM now() - min(first.run_at))::float8
-           FROM levels l CROSS JOIN LATERAL (
+           FROM taskd.waiting_priorities(c.name) AS l(priority) CROSS JOIN LATERAL (
                SELECT t.run_at FROM taskd.tasks t
                WHERE t.queue = c.name AND t.status IN ('pending', 'retrying') AND t.priority = l.priority
                ORDER BY t.run_at LIMIT 1
