@@ -85,7 +85,7 @@ async def counts_loop(store: Store, every: float = COUNTS_EVERY, check_every: fl
         try:
             await store.fold_counts()
             if trio.current_time() >= next_check:
-                next_check = trio.current_time()  # at once: the first process after the migration fills the totals
+                next_check = trio.current_time() + check_every
                 off = await store.check_counts(check_every)
                 if off:
                     log.warning("the kept task counts were off by %d (something changed taskd.tasks without its "
