@@ -13,6 +13,8 @@ import trio_asyncio
 from taskd import sql
 from taskd.store import CLAIMER_SETTINGS, FINISHER_SETTINGS
 
+from .plans import nodes
+
 HISTORY_SQL = """INSERT INTO taskd.tasks (task_type, status, max_retries, timeout_seconds, attempts,
                                           started_at, attempt_started_at, finished_at, result)
                  SELECT 'echo', 'completed', 3, 30, 1, now(), now(), now(), '{}'
@@ -44,10 +46,6 @@ async def explain(url: str, setup: Sequence[tuple[str, ...]], settings: dict[str
 
     (top,) = await trio_asyncio.aio_as_trio(run)()
     return top["Plan"]
-
-
-def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    return [plan, *(n for child in plan.get("Plans", []) for n in nodes(child))]
 
 
 def runnable_scan(plan: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from taskd.models import NewTask, Outcome, TaskStatus
 from taskd.store import Store
 from tests.conftest import scratch_database
 
+from .plans import nodes
 from .test_store import raw
 
 QUEUES = ("default", "emails")
@@ -247,12 +248,6 @@ async def test_a_due_task_counts_as_pending_at_once_and_a_scheduled_one_as_sched
     assert rows[0][0] == 0
 
 
-def _nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield node
-    for child in node.get("Plans", []):
-        yield from _nodes(child)
-
-
 READS = {
     "stats_counts": (), "stats_recent": (60,), "stats_by_type": (), "stats_timings_by_type": (3600,),
     "stats_timeline": (900,), "queue_list": (None,),
@@ -271,8 +266,8 @@ async def test_the_reads_never_scan_the_task_table(store: Store) -> None:
         for i, arg in enumerate(args, start=1):
             query = query.replace(f"${i}::float8", f"{arg}::float8").replace(f"${i}::text", "NULL::text")
         (plan,) = await raw(store.url, "EXPLAIN (FORMAT JSON) " + query)
-        nodes = list(_nodes(json.loads(plan[0][0])[0]["Plan"]))
-        on_tasks = [n for n in nodes if n.get("Relation Name") == "tasks"]
+        walked = nodes(json.loads(plan[0][0])[0]["Plan"])
+        on_tasks = [n for n in walked if n.get("Relation Name") == "tasks"]
         # Only probes of the queue-led index: the oldest waiting task of each queue, and the
         # current hour's scheduled tasks of a queue that has any (taskd.scheduled_this_hour()).
         assert all(n.get("Index Name") == "tasks_runnable_idx" for n in on_tasks), (name, on_tasks)

@@ -15,6 +15,8 @@ import trio_asyncio
 from taskd import sql
 from taskd.store import Store
 
+from .plans import nodes
+
 HISTORY = """
 INSERT INTO taskd.tasks (task_type, queue, status, max_retries, timeout_seconds, attempts, created_at, finished_at)
 SELECT CASE WHEN i <= 10 THEN 'rare' ELSE 'common' END,
@@ -55,10 +57,6 @@ async def _explain(url: str, query: str, args: tuple[Any, ...]) -> dict[str, Any
     return await trio_asyncio.aio_as_trio(run)()
 
 
-def _nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
-    return [node] + [n for child in node.get("Plans", []) for n in _nodes(child)]
-
-
 @pytest.mark.parametrize("name", ["task_list", "task_list_sizes"])
 async def test_every_filter_reads_an_index_not_the_history(store: Store, database_url: str, name: str) -> None:
     async def fill() -> None:
@@ -71,8 +69,8 @@ async def test_every_filter_reads_an_index_not_the_history(store: Store, databas
     query = sql.queries()[name].text
     for args, what, rows, most in CASES:
         plan = await _explain(database_url, query, args)
-        nodes = _nodes(plan)
+        walked = nodes(plan)
         touched = plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
-        assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], (what, nodes)
-        assert touched <= most, (what, touched, [(n["Node Type"], n.get("Index Name")) for n in nodes])
+        assert not [n for n in walked if n["Node Type"] == "Seq Scan"], (what, walked)
+        assert touched <= most, (what, touched, [(n["Node Type"], n.get("Index Name")) for n in walked])
         assert plan["Actual Rows"] == rows, what

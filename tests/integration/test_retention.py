@@ -21,6 +21,8 @@ from taskd import retention, sql
 from taskd.config import parse_settings
 from taskd.store import Store
 
+from .plans import nodes
+
 DAY = 86_400.0
 FINAL = ("completed", "failed", "cancelled", "expired")
 LIVE = ("pending", "scheduled", "running", "retrying")
@@ -232,10 +234,6 @@ async def explain(url: str, query: str, *args: Any, generic: bool = False) -> di
 
     (top,) = await trio_asyncio.aio_as_trio(run)()
     return top["Plan"]
-
-
-def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    return [plan, *(n for child in plan.get("Plans", []) for n in nodes(child))]
 
 
 async def test_the_prune_walks_only_due_rows_of_its_status(aio_loop: object, database_url: str) -> None:

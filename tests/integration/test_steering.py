@@ -8,8 +8,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -20,6 +19,7 @@ from taskd.errors import IdempotencyConflict
 from taskd.models import NewTask, Outcome, Submitted, TaskStatus
 from taskd.store import Store
 
+from .plans import nodes
 from .test_store import finish, raw
 
 
@@ -134,15 +134,9 @@ async def test_the_expiry_sweep_reads_the_list_of_deadlines_not_the_task_table(s
                          "SELECT 'echo', 0, 30 FROM generate_series(1, 20000)")
     await raw(store.url, "ANALYZE taskd.tasks")
     (plan,) = await raw(store.url, "EXPLAIN (FORMAT JSON) " + store._q["task_expire"].text.replace("$1::int", "1000"))
-    nodes = list(plan_nodes(json.loads(plan[0][0])[0]["Plan"]))
-    assert ("Index Scan", "expiring_due_idx") in [(n["Node Type"], n.get("Index Name")) for n in nodes]
-    assert not [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"], nodes
-
-
-def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    yield node
-    for child in node.get("Plans", []):
-        yield from plan_nodes(child)
+    walked = nodes(json.loads(plan[0][0])[0]["Plan"])
+    assert ("Index Scan", "expiring_due_idx") in [(n["Node Type"], n.get("Index Name")) for n in walked]
+    assert not [n for n in walked if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"], walked
 
 
 @contextlib.asynccontextmanager
